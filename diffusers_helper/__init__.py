@@ -1,0 +1,1 @@
+"""FramePack generation on diffusers (torch is imported only by the submodules that need it)."""

@@ -1,0 +1,148 @@
+"""The one parameter schema of a FramePack job.
+
+Every FramePack parameter is defined here, once, with its default and range.  The web
+tier validates requests with it, the Celery task re-validates what it receives, the CLI
+builds it from flags and the OpenAPI document is generated from it.  This module must
+not import torch: the web tier imports it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "FPS",
+    "MAX_SEED",
+    "JobParams",
+    "ValidationError",
+    "Variant",
+    "field_errors",
+    "random_seed",
+]
+
+#: FramePack writes every video at 30 frames per second; it is not a parameter.
+FPS = 30
+#: Seeds are unsigned 32-bit so every client (JS included) can carry them exactly.
+MAX_SEED = 2**32 - 1
+
+
+class Variant(StrEnum):
+    """Which FramePack transformer a job runs on."""
+
+    #: The original FramePack I2V model: samples sections in reverse ("inverted
+    #: anti-drifting") and accepts an end image.
+    FRAMEPACK = "framepack"
+    #: FramePack-F1: samples forward ("vanilla"); no end image.
+    FRAMEPACK_F1 = "framepack-f1"
+
+
+def random_seed() -> int:
+    """A fresh seed from the OS's randomness (never ``torch.manual_seed(-1)``)."""
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+class JobParams(BaseModel):
+    """What a user may ask of one FramePack generation.
+
+    ``seed`` absent or ``-1`` means "random": :meth:`with_seed` picks and records a real
+    one.  ``resolution`` absent means "the profile's default bucket base" (640 for the
+    real weights, small for the tiny profile): :meth:`with_resolution` fills it in.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+    prompt: str = Field("", max_length=4000, description="What the video should show.")
+    n_prompt: str = Field(
+        "", max_length=4000, description="Negative prompt; used only when cfg > 1."
+    )
+    seed: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_SEED,
+        description="RNG seed. Absent or -1 means random: a real seed is chosen and recorded.",
+    )
+    total_second_length: float = Field(5.0, ge=1, le=120, description="Video length in seconds.")
+    latent_window_size: int = Field(
+        9, ge=1, le=33, description="Latent frames per section (FramePack: should not change)."
+    )
+    steps: int = Field(25, ge=1, le=100, description="Sampling steps per section.")
+    cfg: float = Field(
+        1.0, ge=1, le=32, description="Real CFG scale; > 1 doubles the transformer calls."
+    )
+    gs: float = Field(10.0, ge=1, le=32, description="Distilled guidance scale.")
+    rs: float = Field(0.0, ge=0, le=1, description="CFG re-scale.")
+    gpu_memory_preservation: float = Field(
+        6.0, ge=6, le=128, description="GB of GPU memory kept free in low-VRAM mode."
+    )
+    use_teacache: bool = Field(
+        True, description="Step cache (TeaCache idea): faster, slightly worse hands."
+    )
+    mp4_crf: int = Field(16, ge=0, le=51, description="H.264 CRF of the output mp4.")
+    model: Variant = Field(Variant.FRAMEPACK, description="Model variant.")
+    resolution: int | None = Field(
+        None,
+        ge=32,
+        le=1280,
+        description="Bucket base in pixels; absent means the profile's default.",
+    )
+    end_image: str | None = Field(
+        None,
+        description=(
+            "End frame (original model only). Over HTTP an uploaded file or base64/data URL; "
+            "in-process a path."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _end_image_needs_original_model(self) -> JobParams:
+        if self.end_image is not None and self.model is Variant.FRAMEPACK_F1:
+            raise ValueError(
+                "end_image: the framepack-f1 model samples forward and cannot take an end image; "
+                "use model=framepack"
+            )
+        return self
+
+    @property
+    def seed_is_random(self) -> bool:
+        return self.seed is None or self.seed == -1
+
+    def with_seed(self) -> JobParams:
+        """A copy whose seed is concrete (a random one when absent or -1)."""
+        if not self.seed_is_random:
+            return self
+        return self.model_copy(update={"seed": random_seed()})
+
+    def with_resolution(self, default: int) -> JobParams:
+        """A copy whose resolution is concrete (the profile's default when absent)."""
+        if self.resolution is not None:
+            return self
+        return self.model_copy(update={"resolution": default})
+
+    def public_dict(self) -> dict[str, Any]:
+        """JSON-ready parameters, without the end image payload (only whether there is one)."""
+        data = self.model_dump(mode="json", exclude={"end_image"})
+        data["has_end_image"] = self.end_image is not None
+        return data
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Flatten a pydantic error into ``[{"field": ..., "message": ...}]`` for API replies.
+
+    Model-level errors (such as the end image with F1) name their field at the start of
+    the message ("end_image: ..."), which is lifted into ``field`` here.
+    """
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        msg = str(err.get("msg", "invalid"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if not loc and ":" in msg:
+            loc, _, msg = msg.partition(":")
+            msg = msg.strip()
+        out.append({"field": loc or "body", "message": msg})
+    return out

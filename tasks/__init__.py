@@ -1,0 +1,1 @@
+"""Celery glue: the app, the generate_video task (never imports Flask)."""
