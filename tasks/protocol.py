@@ -1,0 +1,200 @@
+"""The whole wire protocol in one screen: job states, Redis keys, update meta, messages.
+
+Imports neither torch nor Flask: the worker, the web tier, the client and the benchmarks
+all read it.
+
+Flow of one update: the worker calls ``update_state(state, meta)``; Celery's Redis backend
+writes ``celery-task-meta-<job_id>`` (GET + SETEX + PUBLISH) with ``{"status": <celery
+state>, "result": <meta>, ...}``.  Every meta carries a per-job ``seq`` (+1 per update, no
+gaps) and the worker's emit time.  The web tier turns each into one WebSocket message
+(``progress``, ``section`` or ``final``, with the same ``seq``) and fans it out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import StrEnum
+from typing import Any
+
+PROTOCOL_VERSION = 1
+TASK_NAME = "tasks.generate_video"
+QUEUE = "gpu"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+#: Celery's states onto ours.
+CELERY_TO_STATE: dict[str, JobState] = {
+    "PENDING": JobState.QUEUED,
+    "RECEIVED": JobState.QUEUED,
+    "STARTED": JobState.RUNNING,
+    "PROGRESS": JobState.RUNNING,
+    "RETRY": JobState.RUNNING,
+    "SUCCESS": JobState.SUCCEEDED,
+    "FAILURE": JobState.FAILED,
+    "REVOKED": JobState.CANCELLED,
+}
+#: Ours onto the Celery state the worker writes (the inverse, for the states it writes).
+STATE_TO_CELERY: dict[JobState, str] = {
+    JobState.QUEUED: "PENDING",
+    JobState.RUNNING: "PROGRESS",
+    JobState.SUCCEEDED: "SUCCESS",
+    JobState.FAILED: "FAILURE",
+    JobState.CANCELLED: "REVOKED",
+}
+#: The original FramePack API's words, derived from the same states.
+LEGACY_STATUS: dict[JobState, str] = {
+    JobState.QUEUED: "pending",
+    JobState.RUNNING: "processing",
+    JobState.SUCCEEDED: "completed",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+}
+
+
+# -- Redis keys -------------------------------------------------------------------------
+class Keys:
+    """Every Redis key and channel name of ours (Celery's own are named here too)."""
+
+    PREFIX = "fp"
+    JOBS = "fp:jobs"  # ZSET job_id -> created (epoch); listing, newest first
+    QUEUED = "fp:queued"  # ZSET job_id -> submit number; FIFO positions
+    SUBMITTED = "fp:submitted"  # counter giving submit numbers
+    WORKERS = "fp:workers"  # ZSET worker name -> last heartbeat (epoch)
+    EVENTS = "fp:events"  # pub/sub: state changes of all jobs (for /ws/jobs)
+
+    @staticmethod
+    def job(job_id: str) -> str:  # HASH: the job record (see JOB_FIELDS)
+        return f"fp:job:{job_id}"
+
+    @staticmethod
+    def input(job_id: str) -> str:  # normalised start image (PNG bytes)
+        return f"fp:job:{job_id}:input"
+
+    @staticmethod
+    def end_image(job_id: str) -> str:  # normalised end image (PNG bytes)
+        return f"fp:job:{job_id}:end"
+
+    @staticmethod
+    def cancel(job_id: str) -> str:  # exists = cancel requested
+        return f"fp:job:{job_id}:cancel"
+
+    @staticmethod
+    def heartbeat(job_id: str) -> str:  # exists (short TTL) while a worker runs the job
+        return f"fp:job:{job_id}:heartbeat"
+
+    @staticmethod
+    def worker(name: str) -> str:  # JSON: profile, variants, queues, busy job (short TTL)
+        return f"fp:worker:{name}"
+
+    @staticmethod
+    def celery_meta(job_id: str) -> str:  # Celery's result key *and* pub/sub channel
+        return f"celery-task-meta-{job_id}"
+
+
+CELERY_META_PREFIX = "celery-task-meta-"
+
+#: Fields of the job record hash (all strings in Redis; JSON where noted).
+JOB_FIELDS = (
+    "id",
+    "state",
+    "params",  # JSON: the validated JobParams (seed concrete)
+    "profile",  # profile name the job was submitted against
+    "created_at",
+    "started_at",
+    "finished_at",
+    "attempts",  # deliveries to a worker (redelivery after a lost worker counts)
+    "worker",
+    "error",
+    "result",  # JSON: final summary (video, frames, seconds, seed, sections)
+)
+
+#: Worker heartbeat period and how long a heartbeat counts as alive.
+HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_TTL = 20
+
+
+# -- update meta (what the worker writes with update_state) -----------------------------
+def make_meta(
+    seq: int,
+    state: JobState,
+    *,
+    event: str,
+    **fields: Any,
+) -> dict[str, Any]:
+    """One worker update.  ``event`` says why it was sent: ``stage`` | ``progress`` |
+    ``section`` | ``final``.  ``fields`` are the snapshot fields below.
+
+    Snapshot fields (all optional): ``stage``, ``message``, ``progress`` (0..1), ``step``,
+    ``steps``, ``section``, ``sections``, ``eta`` (seconds), ``preview`` (see
+    :func:`preview_field`), ``sections_done`` (list of ``{"section", "frames",
+    "seconds"}``), ``started_at``, ``result``, ``error``.
+    """
+    return {"v": PROTOCOL_VERSION, "seq": seq, "state": state.value, "event": event, "emitted_at": time.time(), **fields}
+
+
+def preview_field(jpeg_b64: str, frames: int, tile_width: int, tile_height: int) -> dict[str, Any]:
+    return {
+        "image": f"data:image/jpeg;base64,{jpeg_b64}",
+        "frames": frames,
+        "tile_width": tile_width,
+        "tile_height": tile_height,
+    }
+
+
+def exception_fields(exc_type: str, message: str) -> dict[str, Any]:
+    """Keys Celery needs to rebuild an exception from FAILURE/REVOKED metas (so Flower and
+    ``AsyncResult`` still work when our own fields ride along)."""
+    module = "celery.exceptions" if exc_type == "TaskRevokedError" else "builtins"
+    return {"exc_type": exc_type, "exc_module": module, "exc_message": [message]}
+
+
+def parse_celery_payload(raw: bytes | str) -> tuple[JobState, dict[str, Any]]:
+    """``celery-task-meta-*`` JSON -> (our state, our meta).
+
+    Metas written by Celery itself (a bare STARTED, or a FAILURE from an exception that
+    escaped) lack ``seq``; they are returned with ``seq`` absent.
+    """
+    doc = json.loads(raw)
+    status = doc.get("status", "PENDING")
+    result = doc.get("result")
+    meta = dict(result) if isinstance(result, dict) else {}
+    state = JobState(meta["state"]) if "state" in meta else CELERY_TO_STATE.get(status, JobState.QUEUED)
+    if state is JobState.FAILED and "error" not in meta:
+        meta["error"] = _celery_error(result)
+    return state, meta
+
+
+def _celery_error(result: Any) -> str:
+    if isinstance(result, dict):
+        msg = result.get("exc_message")
+        if isinstance(msg, list | tuple):
+            msg = " ".join(str(m) for m in msg)
+        return f"{result.get('exc_type', 'Error')}: {msg}"
+    return str(result)
+
+
+# -- WebSocket / SSE messages -----------------------------------------------------------
+MESSAGE_TYPES = ("snapshot", "progress", "section", "final")
+
+
+def message_type(meta: dict[str, Any]) -> str:
+    """The WebSocket message type that carries an update."""
+    if meta.get("state") in {s.value for s in TERMINAL}:
+        return "final"
+    if meta.get("event") == "section":
+        return "section"
+    return "progress"
+
+
+def encode(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))

@@ -1,0 +1,299 @@
+"""The ``tasks.generate_video`` task and the worker's life (models, heartbeat).
+
+The worker process loads its profile once (after the fork: CUDA cannot cross a fork),
+announces in Redis which profile and variants it serves, and keeps a heartbeat for itself
+and for the job it runs.  The task turns generation events into ``update_state`` calls
+following :mod:`tasks.protocol`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Task, shared_task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.signals import worker_process_init, worker_ready
+
+from . import settings
+from .jobs import JobStore
+from .protocol import (
+    HEARTBEAT_SECONDS,
+    HEARTBEAT_TTL,
+    QUEUE,
+    STATE_TO_CELERY,
+    TASK_NAME,
+    JobState,
+    Keys,
+    exception_fields,
+    make_meta,
+    preview_field,
+)
+
+log = logging.getLogger("framepack.worker")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"models": None, "current_job": None, "heartbeat": None}
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _redis() -> redis.Redis:
+    if "redis" not in _state:
+        _state["redis"] = redis.Redis.from_url(settings.store_url())
+    return _state["redis"]
+
+
+def store() -> JobStore:
+    return JobStore(_redis(), settings.RESULT_TTL)
+
+
+# -- worker life ------------------------------------------------------------------------
+def load_models() -> Any:
+    """Load the profile once per process; later calls return the same models."""
+    with _lock:
+        if _state["models"] is not None:
+            return _state["models"]
+        import torch
+
+        from diffusers_helper.params import Variant
+        from diffusers_helper.profiles import Models, resolve_profile
+
+        threads = int(os.environ.get("FRAMEPACK_TORCH_THREADS", "0") or 0)
+        if threads:
+            torch.set_num_threads(threads)
+        profile = resolve_profile(settings.profile_spec())
+        log.warning("framepack worker: profile %s — %s", profile.name, profile.description)
+        models = Models(profile)
+        models.load_shared()
+        models.transformer(Variant.FRAMEPACK)
+        _state["models"] = models
+    _start_heartbeat()
+    return models
+
+
+def _worker_record() -> dict[str, Any]:
+    models = _state["models"]
+    return {
+        "name": WORKER_NAME,
+        "queues": [QUEUE],
+        "ready": models is not None,
+        "profile": models.profile.public_dict() if models else None,
+        "device": models.placement.device if models else None,
+        "loaded_variants": models.loaded_variants if models else [],
+        "job": _state["current_job"],
+        "heartbeat": time.time(),
+    }
+
+
+def publish_heartbeat() -> None:
+    r = _redis()
+    p = r.pipeline(transaction=False)
+    p.set(Keys.worker(WORKER_NAME), json.dumps(_worker_record()), ex=HEARTBEAT_TTL)
+    p.zadd(Keys.WORKERS, {WORKER_NAME: time.time()})
+    job = _state["current_job"]
+    if job:
+        p.set(Keys.heartbeat(job), WORKER_NAME, ex=HEARTBEAT_TTL)
+    p.execute()
+
+
+def _start_heartbeat() -> None:
+    if _state["heartbeat"] is not None:
+        return
+
+    def beat() -> None:
+        while True:
+            try:
+                publish_heartbeat()
+            except redis.RedisError as exc:  # keep beating through a Redis hiccup
+                log.warning("heartbeat failed: %s", exc)
+            time.sleep(HEARTBEAT_SECONDS)
+
+    t = threading.Thread(target=beat, name="framepack-heartbeat", daemon=True)
+    _state["heartbeat"] = t
+    t.start()
+
+
+@worker_process_init.connect
+def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
+    _state.pop("redis", None)  # never share a connection across a fork
+    load_models()
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:  # solo/threads pools run tasks in this process
+    pool = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
+    if not pool.endswith("prefork"):
+        load_models()
+
+
+# -- reporting --------------------------------------------------------------------------
+class Reporter:
+    """Generation events -> ``update_state`` metas with a gap-free ``seq``, throttled."""
+
+    def __init__(self, task: Task, job_id: str, jobs: JobStore, started_at: float):
+        self.task, self.job_id, self.jobs = task, job_id, jobs
+        self.seq = 0
+        self.last_sent = 0.0
+        self.last_feed = 0.0
+        self.fields: dict[str, Any] = {"started_at": started_at, "sections_done": [], "progress": 0.0}
+        self._preview = None
+
+    def send(self, event: str, state: JobState = JobState.RUNNING, extra: dict | None = None) -> dict:
+        self.seq += 1
+        if self._preview is not None:  # base64 only what is sent
+            p = self._preview
+            self.fields["preview"] = preview_field(
+                base64.b64encode(p.jpeg).decode(), p.frames, p.tile_width, p.tile_height
+            )
+            self._preview = None
+        meta = make_meta(self.seq, state, event=event, **self.fields, **(extra or {}))
+        self.task.update_state(state=STATE_TO_CELERY[state], meta=meta)
+        self.last_sent = time.monotonic()
+        if state is JobState.RUNNING:
+            self._flower(meta)
+        return meta
+
+    def _flower(self, meta: dict) -> None:
+        """``update_state`` emits no event; Flower learns of progress from this one."""
+        fields = {k: meta.get(k) for k in ("seq", "stage", "progress", "step", "steps", "section", "sections", "eta")}
+        try:
+            self.task.send_event("task-progress", **fields)
+        except Exception:  # events disabled or broker hiccup: progress still flows
+            pass
+        now = time.monotonic()
+        if now - self.last_feed >= 1.0:
+            self.last_feed = now
+            self.jobs.publish_event({"job_id": self.job_id, "state": "running", "seq": meta["seq"], **fields})
+
+    def on_event(self, e: Any) -> None:
+        from diffusers_helper import events as ev
+
+        if isinstance(e, ev.Stage):
+            self.fields.update(stage=e.text, message=e.text)
+            self.send("stage")
+        elif isinstance(e, ev.PreviewReady):
+            self._preview = e.preview
+        elif isinstance(e, ev.Progress):
+            self.fields.update(
+                stage="Sampling", message=e.message, progress=round(e.progress, 5), step=e.step, steps=e.steps,
+                section=e.section, sections=e.sections, eta=e.eta_seconds,
+            )  # fmt: skip
+            if e.step == e.steps or time.monotonic() - self.last_sent >= settings.PROGRESS_INTERVAL:
+                self.send("progress")
+        elif isinstance(e, ev.SectionDone):
+            self.fields["sections_done"] = self.fields["sections_done"] + [
+                {"section": e.section, "frames": e.frames, "seconds": round(e.seconds, 3), "file": e.path.name}
+            ]
+            self.fields["message"] = e.message
+            self.send("section")
+
+
+def _finish(reporter: Reporter, jobs: JobStore, state: JobState, result: dict | None, error: str | None) -> dict:
+    extra: dict[str, Any] = {"finished_at": time.time()}
+    if result is not None:
+        extra["result"] = result
+    if error is not None:
+        extra["error"] = error
+    if state is JobState.FAILED:
+        extra.update(exception_fields("RuntimeError", error or "failed"))
+    elif state is JobState.CANCELLED:
+        extra.update(exception_fields("TaskRevokedError", "cancelled"))
+    jobs.mark_finished(reporter.job_id, state, result, error)
+    meta = reporter.send("final", state, extra)
+    jobs.publish_event({"job_id": reporter.job_id, "state": state.value, "seq": meta["seq"], "error": error})
+    return meta
+
+
+def _open_image(data: bytes | None, what: str) -> Any:
+    from PIL import Image
+
+    if data is None:
+        raise ValueError(f"{what} is missing (expired or never stored)")
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def _readable(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name == "OutOfMemoryError":
+        return "GPU out of memory: try a shorter video, a smaller resolution or more gpu_memory_preservation"
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "time limit exceeded"
+    return f"{name}: {exc}" if str(exc) else name
+
+
+@shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run one job; every outcome is written as our final meta with the next ``seq``."""
+    jobs = store()
+    started = time.time()
+    reporter = Reporter(self, job_id, jobs, started)
+
+    if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
+        _finish(reporter, jobs, JobState.CANCELLED, None, None)
+        raise Ignore()
+    attempts = jobs.mark_started(job_id, WORKER_NAME)
+    _state["current_job"] = job_id
+    jobs.publish_event({"job_id": job_id, "state": "running", "seq": 0})
+    try:
+        if attempts > 1 + settings.MAX_REDELIVERIES:
+            _finish(reporter, jobs, JobState.FAILED, None, f"worker lost (delivered {attempts} times)")
+            raise Ignore()
+        return _run(self, reporter, jobs, job_id, params)
+    finally:
+        _state["current_job"] = None
+
+
+def _run(task: Task, reporter: Reporter, jobs: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    from diffusers_helper.generate import OutputLayout, generate
+    from diffusers_helper.params import JobParams
+
+    out_dir = settings.results_dir() / job_id
+    try:
+        models = load_models()
+        job = JobParams.model_validate(params)
+        image_bytes, end_bytes = jobs.read_input(job_id)
+        image = _open_image(image_bytes, "input image")
+        end_image = _open_image(end_bytes, "end image") if end_bytes is not None else None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "input.png").write_bytes(image_bytes)
+        result = generate(
+            job, image, reporter.on_event, lambda: jobs.cancel_requested(job_id),
+            models=models, output=OutputLayout(out_dir, "video"), end_image=end_image,
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 — every failure becomes a readable final state
+        log.exception("job %s failed", job_id)
+        _finish(reporter, jobs, JobState.FAILED, None, _readable(exc))
+        raise Ignore() from None
+
+    summary = {
+        "video": result.video.name if result.video else None,
+        "frames": result.frames,
+        "seconds": round(result.seconds, 3),
+        "seed": result.seed,
+        "width": result.width,
+        "height": result.height,
+        "sections": result.sections,
+        "timings": result.timings,
+        "cache_skipped_steps": result.cache_skipped_steps,
+        "profile": models.profile.name,
+    }
+    if result.status == "cancelled":
+        _finish(reporter, jobs, JobState.CANCELLED, summary, None)
+        raise Ignore()
+    reporter.fields["progress"] = 1.0
+    jobs.mark_finished(job_id, JobState.SUCCEEDED, summary, None)
+    reporter.seq += 1
+    meta = make_meta(reporter.seq, JobState.SUCCEEDED, event="final", **reporter.fields, result=summary,
+                     finished_at=time.time())  # fmt: skip
+    jobs.publish_event({"job_id": job_id, "state": "succeeded", "seq": meta["seq"]})
+    return meta  # Celery stores it as SUCCESS (GET + SETEX + PUBLISH, like update_state)

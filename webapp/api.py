@@ -1,0 +1,188 @@
+"""REST API: ``/api/jobs`` and friends.  Views only translate HTTP to :class:`Service` calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, abort, current_app, jsonify, request, send_file
+from pydantic import ValidationError
+
+from diffusers_helper.params import JobParams, field_errors
+from tasks.protocol import TERMINAL, JobState
+
+from .service import INPUT_FILE, Service
+from .uploads import ImageError, decode_base64, normalise
+
+bp = Blueprint("api", __name__)
+
+
+def service() -> Service:
+    return current_app.extensions["framepack"]
+
+
+def error(status: int, message: str, field: str | None = None, errors: list | None = None) -> Response:
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    body["errors"] = errors or ([{"field": field, "message": message}] if field else [])
+    resp = jsonify(body)
+    resp.status_code = status
+    return resp
+
+
+def parse_submission(fields: dict[str, Any], files: dict[str, bytes]) -> tuple[JobParams, bytes, bytes | None]:
+    """Form/JSON fields + image bytes -> validated params and normalised images.
+
+    Raises :class:`ImageError` or pydantic's ``ValidationError``; nothing is stored.
+    """
+    if "image" not in files:
+        raise ImageError("image", "an input image is required")
+    fields = {k: v for k, v in fields.items() if v not in ("", None) or k in ("prompt", "n_prompt")}
+    fields.pop("image", None)
+    has_end = "end_image" in files
+    fields.pop("end_image", None)
+    if has_end:
+        fields["end_image"] = "upload"
+    params = JobParams.model_validate(fields)  # field errors before image work
+    image = normalise("image", files["image"])
+    end = normalise("end_image", files["end_image"]) if has_end else None
+    return params, image, end
+
+
+def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
+    if request.mimetype == "application/json":
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise ImageError("body", "the JSON body must be an object")
+        files = {}
+        for name in ("image", "end_image"):
+            value = body.get(name)
+            if value in (None, ""):
+                continue
+            if not isinstance(value, str):
+                raise ImageError(name, "must be a base64 string or a data URL")
+            files[name] = decode_base64(name, value)
+        return body, files
+    fields: dict[str, Any] = request.form.to_dict()
+    files = {name: f.read() for name, f in request.files.items() if name in ("image", "end_image")}
+    return fields, files
+
+
+def submit_from_request(translate: dict[str, str] | None = None) -> tuple[dict[str, Any] | None, Response | None]:
+    """Shared by ``POST /api/jobs`` and the legacy ``POST /generate`` (which renames fields)."""
+    translate = translate or {}
+    try:
+        fields, files = read_request()
+        params, image, end = parse_submission(fields, files)
+    except ImageError as exc:
+        return None, error(400 if exc.field in ("image", "body") and "required" in exc.message else 422,
+                           f"{exc.field}: {exc.message}", translate.get(exc.field, exc.field))  # fmt: skip
+    except ValidationError as exc:
+        errs = [{**e, "field": translate.get(e["field"], e["field"])} for e in field_errors(exc)]
+        return None, error(422, "; ".join(f"{e['field']}: {e['message']}" for e in errs), errs[0]["field"], errs)
+    try:
+        view = service().submit(params, image, end)
+    except Exception as exc:  # noqa: BLE001 — the broker is down: say so, store nothing
+        current_app.logger.exception("dispatch failed")
+        return None, error(503, f"could not queue the job: {exc}")
+    return view, None
+
+
+@bp.post("/api/jobs")
+def create_job() -> Response:
+    view, err = submit_from_request()
+    if err is not None:
+        return err
+    resp = jsonify(view)
+    resp.status_code = 202
+    resp.headers["Location"] = view["links"]["self"]
+    return resp
+
+
+@bp.get("/api/jobs")
+def list_jobs() -> Response:
+    try:
+        limit = min(max(int(request.args.get("limit", 20)), 1), 200)
+        offset = max(int(request.args.get("offset", 0)), 0)
+    except ValueError:
+        return error(400, "limit and offset must be integers", "limit")
+    ids, total = service().store.list_ids(offset, limit)
+    jobs = [s for s in (service().summary(i) for i in ids) if s is not None]
+    nxt = f"/api/jobs?offset={offset + limit}&limit={limit}" if offset + limit < total else None
+    return jsonify({"jobs": jobs, "total": total, "offset": offset, "limit": limit, "next": nxt})
+
+
+def _view_or_404(job_id: str) -> dict[str, Any]:
+    view = service().view(job_id)
+    if view is None:
+        abort(404, description=f"unknown job {job_id}")
+    return view
+
+
+@bp.get("/api/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    return jsonify(_view_or_404(job_id))
+
+
+@bp.post("/api/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    view = _view_or_404(job_id)
+    if JobState(view["state"]) in TERMINAL:
+        return error(409, f"job already {view['state']}", "state")
+    resp = jsonify(service().cancel(job_id))
+    resp.status_code = 202
+    return resp
+
+
+@bp.delete("/api/jobs/<job_id>")
+def delete_job(job_id: str) -> Response:
+    view = _view_or_404(job_id)
+    if JobState(view["state"]) not in TERMINAL:
+        return error(409, "only finished jobs can be deleted; cancel it first", "state")
+    service().delete(job_id)
+    return Response(status=204)
+
+
+def _mp4(job_id: str, name: str | None) -> Response:
+    path = service().job_dir(job_id) / name if name else None
+    if path is None or not path.is_file():
+        abort(404, description="no such video (yet)")
+    return send_file(path, mimetype="video/mp4", conditional=True, max_age=0)
+
+
+@bp.get("/api/jobs/<job_id>/video")
+def job_video(job_id: str) -> Response:
+    view = _view_or_404(job_id)
+    if view["state"] != JobState.SUCCEEDED.value:
+        return error(404, f"no final video: the job is {view['state']}", "state")
+    return _mp4(job_id, "video.mp4")
+
+
+@bp.get("/api/jobs/<job_id>/sections/<int:k>")
+def job_section(job_id: str, k: int) -> Response:
+    latest = service().store.latest_meta(job_id)
+    if service().store.get(job_id) is None:
+        abort(404, description=f"unknown job {job_id}")
+    done = latest[1].get("sections_done", []) if latest else []
+    name = next((s["file"] for s in done if s.get("section") == k), None)
+    return _mp4(job_id, name)
+
+
+@bp.get("/api/jobs/<job_id>/input")
+def job_input(job_id: str) -> Response:
+    _view_or_404(job_id)
+    data, _ = service().store.read_input(job_id)
+    if data is not None:
+        return Response(data, mimetype="image/png")
+    path = service().job_dir(job_id) / INPUT_FILE
+    if not path.is_file():
+        abort(404, description="input no longer available")
+    return send_file(path, mimetype="image/png")
+
+
+@bp.get("/api/info")
+def info() -> Response:
+    workers = service().workers()
+    profiles = sorted({(w.get("profile") or {}).get("name", "?") for w in workers})
+    noise = any((w.get("profile") or {}).get("is_noise") for w in workers)
+    return jsonify({"workers": workers, "profiles": profiles, "is_noise": noise})

@@ -1,0 +1,136 @@
+"""The original FramePack API's routes, for its existing clients.
+
+Same field names (``video_length`` for seconds, ``sampling_mode`` reverse|forward, seed
+−1 = random), same status words (``pending``, ``processing``, ``completed``, ``failed``,
+``cancelled``), progress 0–100.  ``/stream/status/<id>`` is Server-Sent Events fed by the
+same hub as the WebSocket, and it finally carries the preview the original never sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, stream_with_context
+from werkzeug.datastructures import MultiDict
+
+from tasks.protocol import LEGACY_STATUS, TERMINAL, JobState
+
+from .api import _mp4, _view_or_404, cancel_job, error, service, submit_from_request
+from .hub import Outbox
+
+bp = Blueprint("compat", __name__)
+
+#: legacy field -> schema field
+RENAMES = {"video_length": "total_second_length", "sampling_mode": "model"}
+MODES = {"reverse": "framepack", "forward": "framepack-f1"}
+BACK = {v: k for k, v in RENAMES.items()}
+
+
+def _translate_form() -> None:
+    form = MultiDict()
+    for key, value in request.form.items(multi=True):
+        if key == "sampling_mode":
+            value = MODES.get(value, value)
+        form.add(RENAMES.get(key, key), value)
+    request.form = form  # type: ignore[misc]
+
+
+def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
+    steps, step = view.get("steps"), view.get("step")
+    sections, section = view.get("sections"), view.get("section")
+    total = steps * sections if steps and sections else None
+    done = (section - 1) * steps + step if total and section and step else 0
+    return {
+        "job_id": view["id"],
+        "status": view["status"],
+        "progress": round(100 * (view.get("progress") or 0), 1),
+        "progress_step": done if view["state"] != JobState.SUCCEEDED.value else total,
+        "progress_total": total,
+        "progress_info": view.get("error") or view.get("message") or view.get("stage") or view["status"],
+    }
+
+
+@bp.post("/generate")
+def generate() -> Response:
+    if request.mimetype != "application/json":
+        _translate_form()
+    view, err = submit_from_request(BACK)
+    if err is not None:
+        return err
+    return jsonify({"job_id": view["id"], "message": "Job submitted", "status": view["status"]})
+
+
+@bp.get("/status/<job_id>")
+def status(job_id: str) -> Response:
+    return jsonify(legacy_status(_view_or_404(job_id)))
+
+
+@bp.get("/result/<job_id>")
+def result(job_id: str) -> Response:
+    view = _view_or_404(job_id)
+    body = {**legacy_status(view), "result": view.get("result"), "error": view.get("error")}
+    if view["state"] == JobState.SUCCEEDED.value:
+        body["video_url"] = f"/download/video/{job_id}"
+    return jsonify(body)
+
+
+@bp.get("/download/video/<job_id>")
+def download(job_id: str) -> Response:
+    view = _view_or_404(job_id)
+    if view["state"] != JobState.SUCCEEDED.value:
+        return error(404, f"no video: the job is {view['status']}", "job_id")
+    return _mp4(job_id, "video.mp4")
+
+
+@bp.post("/cancel/<job_id>")
+def cancel(job_id: str) -> Response:
+    return cancel_job(job_id)
+
+
+@bp.get("/queue")
+def queue() -> Response:
+    svc = service()
+    queued = [{"job_id": i, "position": n, "status": LEGACY_STATUS[JobState.QUEUED]}
+              for n, i in enumerate(svc.store.queued_ids(), start=1)]  # fmt: skip
+    running = [w["job"] for w in svc.workers() if w.get("job")]
+    return jsonify({"queue": queued, "queue_length": len(queued), "processing": running})
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@bp.get("/stream/status/<job_id>")
+def stream(job_id: str) -> Response:
+    svc = service()
+    _view_or_404(job_id)
+
+    def events() -> Iterator[str]:
+        outbox = Outbox()
+        svc.hub.watch_job(job_id, outbox)
+        try:
+            view = svc.view(job_id)
+            last = view["seq"]
+            while JobState(view["state"]) not in TERMINAL:
+                body = legacy_status(view)
+                if view.get("preview") and view["state"] == JobState.RUNNING.value:
+                    body["preview_image_base64"] = view["preview"]["image"]
+                yield _sse("progress", body)
+                item = None
+                while item is None:
+                    item = outbox.get(timeout=15.0)
+                    if item is None:
+                        yield ": keep-alive\n\n"
+                if item.seq <= last:
+                    continue
+                last = item.seq
+                view = {**view, **item.data, "id": job_id}
+                view["status"] = LEGACY_STATUS[JobState(view["state"])]
+            yield _sse("status", {**legacy_status(svc.view(job_id)), "result": view.get("result")})
+        finally:
+            svc.hub.unwatch_job(job_id, outbox)
+
+    return Response(stream_with_context(events()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip

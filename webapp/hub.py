@@ -1,0 +1,197 @@
+"""One reader per web process, fanning every job update out to all its watchers.
+
+Celery's Redis backend PUBLISHes every ``update_state`` on ``celery-task-meta-<id>``.  A
+single thread per web process holds one pub/sub connection, subscribes to the channels
+of the jobs someone watches (plus the all-jobs feed), decodes and encodes each update
+*once*, and appends it to every watcher's :class:`Outbox`.  Redis work per update is
+therefore the same for 1 or 1,000 watchers.  Each socket's own thread drains its outbox,
+so a watcher that stops reading only ever delays itself: pending previews are replaced by
+newer ones (latest wins) while progress, section and final messages are kept.
+
+A polling fallback (GET of the meta key every few seconds for watched jobs) covers
+updates published while the subscription was being (re)established.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from tasks.protocol import CELERY_META_PREFIX, TERMINAL, Keys, encode, message_type, parse_celery_payload
+
+log = logging.getLogger("framepack.hub")
+
+
+@dataclass
+class Item:
+    """One message for watchers: encoded once, shared by every outbox."""
+
+    kind: str
+    seq: int
+    text: str
+    lite: str | None = None  # the same message without its preview (for slow sockets)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Outbox:
+    """A socket's pending messages.  Never blocks the producer."""
+
+    def __init__(self, limit: int = 2000):
+        self._items: deque[Item] = deque()
+        self._cond = threading.Condition()
+        self.limit = limit
+        self.overflowed = False
+        self.dropped_previews = 0
+
+    def put(self, item: Item) -> None:
+        with self._cond:
+            if item.lite is not None:  # a newer preview makes pending ones stale
+                for i, old in enumerate(self._items):
+                    if old.lite is not None:
+                        self._items[i] = Item(old.kind, old.seq, old.lite, None, old.data)
+                        self.dropped_previews += 1
+            self._items.append(item)
+            if len(self._items) > self.limit:
+                self.overflowed = True
+            self._cond.notify()
+
+    def get(self, timeout: float) -> Item | None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            return self._items.popleft() if self._items else None
+
+
+Transform = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+class JobHub:
+    def __init__(self, redis_url: str, decorate: Transform, poll_interval: float = 2.0):
+        """``decorate(job_id, meta)`` adds URLs etc. to a meta before it is encoded."""
+        self.redis = redis.Redis.from_url(redis_url)
+        self.decorate = decorate
+        self.poll_interval = poll_interval
+        self._lock = threading.Lock()
+        self._watchers: dict[str, set[Outbox]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._changes: deque[tuple[str, str]] = deque()
+        self._thread: threading.Thread | None = None
+        self.stats = {"messages": 0, "polls": 0, "delivered": 0}
+
+    # -- watchers ---------------------------------------------------------------------
+    def watch(self, channel: str, outbox: Outbox) -> None:
+        with self._lock:
+            first = channel not in self._watchers
+            self._watchers.setdefault(channel, set()).add(outbox)
+            if first:
+                self._changes.append(("sub", channel))
+        self._ensure_thread()
+
+    def unwatch(self, channel: str, outbox: Outbox) -> None:
+        with self._lock:
+            group = self._watchers.get(channel)
+            if group is None:
+                return
+            group.discard(outbox)
+            if not group:
+                del self._watchers[channel]
+                self._changes.append(("unsub", channel))
+                if channel.startswith(CELERY_META_PREFIX):
+                    self._last_seq.pop(channel[len(CELERY_META_PREFIX) :], None)
+
+    def watch_job(self, job_id: str, outbox: Outbox) -> None:
+        self.watch(Keys.celery_meta(job_id), outbox)
+
+    def unwatch_job(self, job_id: str, outbox: Outbox) -> None:
+        self.unwatch(Keys.celery_meta(job_id), outbox)
+
+    @property
+    def channels(self) -> int:
+        with self._lock:
+            return len(self._watchers)
+
+    # -- the reader thread --------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="framepack-hub", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._listen()
+            except redis.RedisError as exc:
+                log.warning("hub lost Redis (%s); reconnecting", exc)
+                time.sleep(0.5)
+
+    def _listen(self) -> None:
+        ps = self.redis.pubsub(ignore_subscribe_messages=True)
+        with self._lock:
+            channels = list(self._watchers)
+            self._changes.clear()
+        ps.subscribe("fp:hub", *channels)  # a fixed channel keeps the connection subscribed
+        self._poll(channels)  # whatever was published while we were not listening
+        next_poll = time.monotonic() + self.poll_interval
+        while True:
+            while self._changes:
+                op, channel = self._changes.popleft()
+                (ps.subscribe if op == "sub" else ps.unsubscribe)(channel)
+                if op == "sub":
+                    self._poll([channel])
+            msg = ps.get_message(timeout=0.05)
+            if msg is not None and msg.get("type") == "message":
+                self._dispatch(msg["channel"].decode(), msg["data"])
+            if time.monotonic() >= next_poll:
+                with self._lock:
+                    watched = list(self._watchers)
+                self._poll(watched)
+                next_poll = time.monotonic() + self.poll_interval
+
+    def _poll(self, channels: list[str]) -> None:
+        keys = [c for c in channels if c.startswith(CELERY_META_PREFIX)]
+        if not keys:
+            return
+        self.stats["polls"] += 1
+        for channel, raw in zip(keys, self.redis.mget(keys), strict=True):
+            if raw is not None:
+                self._dispatch(channel, raw)
+
+    def _dispatch(self, channel: str, raw: bytes) -> None:
+        if channel.startswith(CELERY_META_PREFIX):
+            item = self._job_item(channel[len(CELERY_META_PREFIX) :], raw)
+        else:
+            item = Item("jobs", 0, raw.decode(), None, json.loads(raw))
+        if item is None:
+            return
+        self.stats["messages"] += 1
+        with self._lock:
+            outboxes = list(self._watchers.get(channel, ()))
+        for box in outboxes:
+            box.put(item)
+        self.stats["delivered"] += len(outboxes)
+
+    def _job_item(self, job_id: str, raw: bytes) -> Item | None:
+        state, meta = parse_celery_payload(raw)
+        seq = meta.get("seq")
+        if seq is None:  # written by Celery itself (a bare STARTED): nothing to say
+            return None
+        if seq <= self._last_seq.get(job_id, 0):
+            return None  # already delivered (pub/sub and polling overlap)
+        self._last_seq[job_id] = seq
+        if state in TERMINAL:
+            self._last_seq.pop(job_id, None)
+        kind = message_type(meta)
+        data = {"type": kind, "job_id": job_id, **self.decorate(job_id, meta)}
+        lite = None
+        if kind == "progress" and "preview" in data:
+            lite = encode({k: v for k, v in data.items() if k != "preview"})
+        return Item(kind, seq, encode(data), lite, data)

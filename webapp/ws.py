@@ -1,0 +1,95 @@
+"""WebSocket streams (Flask-Sock): ``/ws/jobs/<id>`` and ``/ws/jobs``.
+
+Each socket gets a snapshot, then the hub's messages from its outbox, sent by the
+socket's own handler thread (so a stalled peer blocks nobody else).  Per-message deflate
+is refused: base64 JPEGs barely compress and deflate per socket dominated latency at
+hundreds of watchers (facts, section 7).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, request
+from flask_sock import Sock
+
+from tasks.protocol import TERMINAL, JobState, Keys, encode
+
+from .hub import Outbox
+from .service import Service
+
+sock = Sock()
+bp = Blueprint("ws", __name__)
+
+CLOSE_UNKNOWN_JOB = 4404
+CLOSE_TOO_SLOW = 4408
+CLOSE_DONE = 1000
+
+
+def _service() -> Service:
+    return current_app.extensions["framepack"]
+
+
+def refuse_compression() -> None:
+    """simple-websocket accepts deflate whenever offered; hiding the offer refuses it."""
+    if request.path.startswith("/ws/"):
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
+def _pump(ws: Any, outbox: Outbox, last_seq: int, until_final: bool) -> None:
+    while True:
+        item = outbox.get(timeout=1.0)
+        if outbox.overflowed:
+            ws.close(reason=CLOSE_TOO_SLOW, message="too slow: messages were piling up")
+            return
+        if item is None:
+            if not ws.connected:
+                return
+            continue
+        if item.seq and item.seq <= last_seq:
+            continue  # already in the snapshot or sent
+        ws.send(item.text)
+        last_seq = item.seq or last_seq
+        if until_final and item.kind == "final":
+            ws.close(reason=CLOSE_DONE, message="job finished")
+            return
+
+
+@sock.route("/ws/jobs/<job_id>", bp=bp)
+def job_stream(ws: Any, job_id: str) -> None:
+    svc = _service()
+    if svc.store.get(job_id) is None:
+        ws.close(reason=CLOSE_UNKNOWN_JOB, message="unknown job")
+        return
+    outbox = Outbox()
+    svc.hub.watch_job(job_id, outbox)  # subscribe first, then snapshot: nothing falls between
+    try:
+        view = svc.view(job_id)
+        ws.send(encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}))
+        if JobState(view["state"]) in TERMINAL:
+            ws.send(encode({"type": "final", "job_id": job_id, "seq": view["seq"], **view}))
+            ws.close(reason=CLOSE_DONE, message="job finished")
+            return
+        _pump(ws, outbox, view["seq"], until_final=True)
+    finally:
+        svc.hub.unwatch_job(job_id, outbox)
+
+
+@sock.route("/ws/jobs", bp=bp)
+def jobs_stream(ws: Any) -> None:
+    svc = _service()
+    outbox = Outbox()
+    svc.hub.watch(Keys.EVENTS, outbox)
+    try:
+        ids, _ = svc.store.list_ids(0, 50)
+        jobs = [s for s in (svc.summary(i) for i in ids) if s]
+        ws.send(encode({"type": "snapshot", "jobs": jobs}))
+        _pump(ws, outbox, 0, until_final=False)
+    finally:
+        svc.hub.unwatch(Keys.EVENTS, outbox)
+
+
+def init_app(app: Flask) -> None:
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25})
+    app.before_request(refuse_compression)
+    app.register_blueprint(bp)
