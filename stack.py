@@ -208,7 +208,9 @@ def main() -> int:
             web = stack.enter_context(Proc(web_command(port), env, logs / "web.log", name="web"))
             print(f"web: http://127.0.0.1:{port}", flush=True)
             wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc=web)
-            print("ready", flush=True)
+            print("web tier up; waiting for the worker to load its model (/readyz)", flush=True)
+            wait_http(f"http://127.0.0.1:{port}/readyz", 1800, proc=worker)
+            print(f"ready: open http://127.0.0.1:{port}", flush=True)
             while True:
                 for name, ok in (("worker", worker.alive()), ("web", web.alive()),
                                  ("valkey", valkey is None or valkey.alive())):

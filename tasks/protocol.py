@@ -139,7 +139,8 @@ def make_meta(
     :func:`preview_field`), ``sections_done`` (list of ``{"section", "frames",
     "seconds"}``), ``started_at``, ``result``, ``error``.
     """
-    return {"v": PROTOCOL_VERSION, "seq": seq, "state": state.value, "event": event, "emitted_at": time.time(), **fields}
+    head = {"v": PROTOCOL_VERSION, "seq": seq, "state": state.value, "event": event, "emitted_at": time.time()}
+    return {**head, **fields}
 
 
 def preview_field(jpeg_b64: str, frames: int, tile_width: int, tile_height: int) -> dict[str, Any]:

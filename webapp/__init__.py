@@ -29,6 +29,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         RESULTS_DIR=str(settings.results_dir()),
         MAX_CONTENT_LENGTH=int(os.environ.get("FRAMEPACK_MAX_UPLOAD_BYTES", 32 * 2**20)),
         HUB_POLL_INTERVAL=2.0,
+        WS_SEND_BUFFER=int(os.environ.get("FRAMEPACK_WS_SEND_BUFFER", 256 * 1024)),
         JSON_SORT_KEYS=False,
     )
     app.config.update(config or {})
@@ -60,7 +61,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def http_error(exc: HTTPException) -> Response:
         field = "body" if exc.code == 413 else None
         message = "request body too large" if exc.code == 413 else (exc.description or exc.name)
-        resp = jsonify({"error": message, "field": field, "errors": [{"field": field, "message": message}] if field else []})
+        errors = [{"field": field, "message": message}] if field else []
+        resp = jsonify({"error": message, "field": field, "errors": errors})
         resp.status_code = exc.code or 500
         return resp
 

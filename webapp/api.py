@@ -185,4 +185,6 @@ def info() -> Response:
     workers = service().workers()
     profiles = sorted({(w.get("profile") or {}).get("name", "?") for w in workers})
     noise = any((w.get("profile") or {}).get("is_noise") for w in workers)
-    return jsonify({"workers": workers, "profiles": profiles, "is_noise": noise})
+    hub = service().hub
+    return jsonify({"workers": workers, "profiles": profiles, "is_noise": noise,
+                    "hub": {**hub.stats, "channels": hub.channels}})  # fmt: skip

@@ -18,7 +18,6 @@ from werkzeug.datastructures import MultiDict
 from tasks.protocol import LEGACY_STATUS, TERMINAL, JobState
 
 from .api import _mp4, _view_or_404, cancel_job, error, service, submit_from_request
-from .hub import Outbox
 
 bp = Blueprint("compat", __name__)
 
@@ -108,7 +107,7 @@ def stream(job_id: str) -> Response:
     _view_or_404(job_id)
 
     def events() -> Iterator[str]:
-        outbox = Outbox()
+        outbox = svc.hub.new_outbox()
         svc.hub.watch_job(job_id, outbox)
         try:
             view = svc.view(job_id)

@@ -44,8 +44,9 @@ class Item:
 class Outbox:
     """A socket's pending messages.  Never blocks the producer."""
 
-    def __init__(self, limit: int = 2000):
+    def __init__(self, limit: int = 2000, stats: dict[str, int] | None = None):
         self._items: deque[Item] = deque()
+        self.stats = stats if stats is not None else {}
         self._cond = threading.Condition()
         self.limit = limit
         self.overflowed = False
@@ -58,9 +59,11 @@ class Outbox:
                     if old.lite is not None:
                         self._items[i] = Item(old.kind, old.seq, old.lite, None, old.data)
                         self.dropped_previews += 1
+                        self.stats["dropped_previews"] = self.stats.get("dropped_previews", 0) + 1
             self._items.append(item)
-            if len(self._items) > self.limit:
+            if len(self._items) > self.limit and not self.overflowed:
                 self.overflowed = True
+                self.stats["overflowed"] = self.stats.get("overflowed", 0) + 1
             self._cond.notify()
 
     def get(self, timeout: float) -> Item | None:
@@ -83,17 +86,26 @@ class JobHub:
         self._watchers: dict[str, set[Outbox]] = {}
         self._last_seq: dict[str, int] = {}
         self._changes: deque[tuple[str, str]] = deque()
+        self._subscribed: dict[str, threading.Event] = {}
         self._thread: threading.Thread | None = None
-        self.stats = {"messages": 0, "polls": 0, "delivered": 0}
+        self.stats = {"messages": 0, "polls": 0, "delivered": 0, "dropped_previews": 0, "overflowed": 0}
 
     # -- watchers ---------------------------------------------------------------------
-    def watch(self, channel: str, outbox: Outbox) -> None:
+    def new_outbox(self) -> Outbox:
+        return Outbox(stats=self.stats)
+
+    def watch(self, channel: str, outbox: Outbox, timeout: float = 5.0) -> bool:
+        """Add a watcher; returns once Redis has confirmed the subscription, so a snapshot
+        read afterwards misses nothing: later updates arrive here, earlier ones are in it."""
         with self._lock:
             first = channel not in self._watchers
             self._watchers.setdefault(channel, set()).add(outbox)
             if first:
+                self._subscribed[channel] = threading.Event()
                 self._changes.append(("sub", channel))
+            confirmed = self._subscribed[channel]
         self._ensure_thread()
+        return confirmed.wait(timeout)
 
     def unwatch(self, channel: str, outbox: Outbox) -> None:
         with self._lock:
@@ -103,6 +115,7 @@ class JobHub:
             group.discard(outbox)
             if not group:
                 del self._watchers[channel]
+                self._subscribed.pop(channel, None)
                 self._changes.append(("unsub", channel))
                 if channel.startswith(CELERY_META_PREFIX):
                     self._last_seq.pop(channel[len(CELERY_META_PREFIX) :], None)
@@ -134,7 +147,7 @@ class JobHub:
                 time.sleep(0.5)
 
     def _listen(self) -> None:
-        ps = self.redis.pubsub(ignore_subscribe_messages=True)
+        ps = self.redis.pubsub()
         with self._lock:
             channels = list(self._watchers)
             self._changes.clear()
@@ -148,8 +161,15 @@ class JobHub:
                 if op == "sub":
                     self._poll([channel])
             msg = ps.get_message(timeout=0.05)
-            if msg is not None and msg.get("type") == "message":
+            if msg is None:
+                pass
+            elif msg["type"] == "message":
                 self._dispatch(msg["channel"].decode(), msg["data"])
+            elif msg["type"] == "subscribe":
+                with self._lock:
+                    confirmed = self._subscribed.get(msg["channel"].decode())
+                if confirmed is not None:
+                    confirmed.set()
             if time.monotonic() >= next_poll:
                 with self._lock:
                     watched = list(self._watchers)

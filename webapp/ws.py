@@ -8,6 +8,7 @@ hundreds of watchers (facts, section 7).
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, request
@@ -15,7 +16,6 @@ from flask_sock import Sock
 
 from tasks.protocol import TERMINAL, JobState, Keys, encode
 
-from .hub import Outbox
 from .service import Service
 
 sock = Sock()
@@ -36,7 +36,24 @@ def refuse_compression() -> None:
         request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
-def _pump(ws: Any, outbox: Outbox, last_seq: int, until_final: bool) -> None:
+def _limit_send_buffer(ws: Any) -> None:
+    """Cap the kernel's send buffer of this socket.
+
+    Linux lets a socket buffer up to 4 MB unsent: for a slow watcher that is seconds of
+    stale previews queued in the kernel (and 2 GB across 500 watchers).  A small buffer
+    makes the send block sooner, so the outbox's latest-wins replaces stale previews
+    instead, and that watcher sees the newest frame when it catches up.
+    """
+    size = current_app.config.get("WS_SEND_BUFFER")
+    sock = getattr(ws, "sock", None)
+    if size and sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(size))
+        except OSError:
+            pass
+
+
+def _pump(ws: Any, outbox: Any, last_seq: int, until_final: bool) -> None:
     while True:
         item = outbox.get(timeout=1.0)
         if outbox.overflowed:
@@ -61,7 +78,8 @@ def job_stream(ws: Any, job_id: str) -> None:
     if svc.store.get(job_id) is None:
         ws.close(reason=CLOSE_UNKNOWN_JOB, message="unknown job")
         return
-    outbox = Outbox()
+    _limit_send_buffer(ws)
+    outbox = svc.hub.new_outbox()
     svc.hub.watch_job(job_id, outbox)  # subscribe first, then snapshot: nothing falls between
     try:
         view = svc.view(job_id)
@@ -78,7 +96,7 @@ def job_stream(ws: Any, job_id: str) -> None:
 @sock.route("/ws/jobs", bp=bp)
 def jobs_stream(ws: Any) -> None:
     svc = _service()
-    outbox = Outbox()
+    outbox = svc.hub.new_outbox()
     svc.hub.watch(Keys.EVENTS, outbox)
     try:
         ids, _ = svc.store.list_ids(0, 50)
