@@ -76,6 +76,7 @@ class JobStore:
             if rec.get(key):
                 rec[key] = float(rec[key])
         rec["attempts"] = int(rec.get("attempts") or 0)
+        rec["seq"] = int(rec.get("seq") or 0)
         return rec
 
     def position(self, job_id: str) -> int | None:
@@ -126,6 +127,11 @@ class JobStore:
 
     def read_input(self, job_id: str) -> tuple[bytes | None, bytes | None]:
         return self.r.get(Keys.input(job_id)), self.r.get(Keys.end_image(job_id))
+
+    def set_seq(self, job_id: str, seq: int) -> None:
+        """The last update's ``seq``, kept outside Celery's meta key: Celery overwrites that
+        with a bare STARTED when a job is redelivered, and the new run must go on from here."""
+        self.r.hset(Keys.job(job_id), "seq", seq)
 
     def mark_started(self, job_id: str, worker: str) -> int:
         """Running on ``worker``; returns the delivery count (2 = redelivered once)."""

@@ -116,6 +116,7 @@ JOB_FIELDS = (
     "worker",
     "error",
     "result",  # JSON: final summary (video, frames, seconds, seed, sections)
+    "seq",  # the last update's seq (survives Celery's STARTED overwrite on redelivery)
 )
 
 #: Worker heartbeat period and how long a heartbeat counts as alive.

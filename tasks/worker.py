@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from celery import Task, shared_task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 from . import settings
 from .jobs import JobStore
@@ -31,6 +31,7 @@ from .protocol import (
     QUEUE,
     STATE_TO_CELERY,
     TASK_NAME,
+    TERMINAL,
     JobState,
     Keys,
     exception_fields,
@@ -42,7 +43,11 @@ log = logging.getLogger("framepack.worker")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"models": None, "current_job": None, "heartbeat": None}
-WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_name() -> str:
+    """host:pid of the process that runs jobs (the pool child under prefork)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _redis() -> redis.Redis:
@@ -82,7 +87,7 @@ def load_models() -> Any:
 def _worker_record() -> dict[str, Any]:
     models = _state["models"]
     return {
-        "name": WORKER_NAME,
+        "name": worker_name(),
         "queues": [QUEUE],
         "ready": models is not None,
         "profile": models.profile.public_dict() if models else None,
@@ -96,11 +101,11 @@ def _worker_record() -> dict[str, Any]:
 def publish_heartbeat() -> None:
     r = _redis()
     p = r.pipeline(transaction=False)
-    p.set(Keys.worker(WORKER_NAME), json.dumps(_worker_record()), ex=HEARTBEAT_TTL)
-    p.zadd(Keys.WORKERS, {WORKER_NAME: time.time()})
+    p.set(Keys.worker(worker_name()), json.dumps(_worker_record()), ex=HEARTBEAT_TTL)
+    p.zadd(Keys.WORKERS, {worker_name(): time.time()})
     job = _state["current_job"]
     if job:
-        p.set(Keys.heartbeat(job), WORKER_NAME, ex=HEARTBEAT_TTL)
+        p.set(Keys.heartbeat(job), worker_name(), ex=HEARTBEAT_TTL)
     p.execute()
 
 
@@ -127,10 +132,14 @@ def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
     load_models()
 
 
+@worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    _state["pool"] = str(getattr(sender, "pool_cls", "")).lower()
+
+
 @worker_ready.connect
-def _on_ready(sender: Any = None, **_: Any) -> None:  # solo/threads pools run tasks in this process
-    pool = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
-    if not pool.endswith("prefork"):
+def _on_ready(**_: Any) -> None:  # solo/threads pools run tasks in this very process
+    if "prefork" not in _state.get("pool", "prefork"):
         load_models()
 
 
@@ -138,9 +147,9 @@ def _on_ready(sender: Any = None, **_: Any) -> None:  # solo/threads pools run t
 class Reporter:
     """Generation events -> ``update_state`` metas with a gap-free ``seq``, throttled."""
 
-    def __init__(self, task: Task, job_id: str, jobs: JobStore, started_at: float):
+    def __init__(self, task: Task, job_id: str, jobs: JobStore, started_at: float, seq: int = 0):
         self.task, self.job_id, self.jobs = task, job_id, jobs
-        self.seq = 0
+        self.seq = seq  # a redelivered job continues its predecessor's sequence
         self.last_sent = 0.0
         self.last_feed = 0.0
         self.fields: dict[str, Any] = {"started_at": started_at, "sections_done": [], "progress": 0.0}
@@ -156,6 +165,7 @@ class Reporter:
             self._preview = None
         meta = make_meta(self.seq, state, event=event, **self.fields, **(extra or {}))
         self.task.update_state(state=STATE_TO_CELERY[state], meta=meta)
+        self.jobs.set_seq(self.job_id, self.seq)
         self.last_sent = time.monotonic()
         if state is JobState.RUNNING:
             self._flower(meta)
@@ -235,13 +245,15 @@ def _readable(exc: BaseException) -> str:
 def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run one job; every outcome is written as our final meta with the next ``seq``."""
     jobs = store()
-    started = time.time()
-    reporter = Reporter(self, job_id, jobs, started)
+    record = jobs.get(job_id)
+    if record is None or JobState(record["state"]) in TERMINAL:
+        raise Ignore()  # deleted, expired, or cancelled while queued (the web tier finished it)
+    reporter = Reporter(self, job_id, jobs, time.time(), record["seq"])
 
     if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
         _finish(reporter, jobs, JobState.CANCELLED, None, None)
         raise Ignore()
-    attempts = jobs.mark_started(job_id, WORKER_NAME)
+    attempts = jobs.mark_started(job_id, worker_name())
     _state["current_job"] = job_id
     jobs.publish_event({"job_id": job_id, "state": "running", "seq": 0})
     try:
@@ -293,6 +305,7 @@ def _run(task: Task, reporter: Reporter, jobs: JobStore, job_id: str, params: di
     reporter.fields["progress"] = 1.0
     jobs.mark_finished(job_id, JobState.SUCCEEDED, summary, None)
     reporter.seq += 1
+    jobs.set_seq(job_id, reporter.seq)
     meta = make_meta(reporter.seq, JobState.SUCCEEDED, event="final", **reporter.fields, result=summary,
                      finished_at=time.time())  # fmt: skip
     jobs.publish_event({"job_id": job_id, "state": "succeeded", "seq": meta["seq"]})

@@ -32,8 +32,8 @@ def _rabbitmq_up() -> bool:
 @pytest.mark.skipif(not _rabbitmq_up(), reason="no RabbitMQ on 127.0.0.1:5672")
 def test_rabbitmq_broker_with_redis_backend(live, tmp_path):
     redis_url = live.redis_url.rsplit("/", 1)[0] + "/3"
-    env = stack_env(redis_url, tmp_path / "results", {**{k: v for k, v in live.env.items() if k.startswith("FRAMEPACK_")},
-                                                     "CELERY_BROKER_URL": AMQP})  # fmt: skip
+    ours = {k: v for k, v in live.env.items() if k.startswith("FRAMEPACK_")}
+    env = stack_env(redis_url, tmp_path / "results", {**ours, "CELERY_BROKER_URL": AMQP})
     port = free_port()
     with (
         Proc(worker_command(hostname=f"rabbit-{port}@%h"), env, tmp_path / "worker.log", echo=False, name="worker"),

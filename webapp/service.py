@@ -106,7 +106,8 @@ class Service:
         """A final meta for a job no worker will finish (cancelled while queued, worker
         lost), written where the worker would have written it."""
         latest = self.store.latest_meta(job_id)
-        seq = (latest[1].get("seq", 0) if latest else 0) + 1
+        rec = self.store.get(job_id) or {}
+        seq = max(latest[1].get("seq", 0) if latest else 0, rec.get("seq", 0)) + 1
         extra = exception_fields("TaskRevokedError" if state is JobState.CANCELLED else "RuntimeError", error or "")
         meta = make_meta(seq, state, event="final", finished_at=time.time(), error=error, **extra)
         doc = json.dumps({"status": "REVOKED" if state is JobState.CANCELLED else "FAILURE", "result": meta,
@@ -150,7 +151,7 @@ class Service:
             "status": LEGACY_STATUS[state],
             "position": self.store.position(job_id) if state is JobState.QUEUED else None,
             "stalled": stalled,
-            "seq": meta.get("seq", 0),
+            "seq": max(meta.get("seq", 0), rec["seq"]),
             "progress": 1.0 if state is JobState.SUCCEEDED else meta.get("progress", 0.0),
             "stage": meta.get("stage"),
             "message": meta.get("message"),
