@@ -159,4 +159,4 @@ class JobStore:
 
     def publish_event(self, payload: dict[str, Any]) -> None:
         """A state change for the all-jobs feed (``/ws/jobs``)."""
-        self.r.publish(Keys.EVENTS, json.dumps(payload, separators=(",", ":")))
+        self.r.publish(Keys.EVENTS, json.dumps({"type": "job", **payload}, separators=(",", ":")))

@@ -71,6 +71,7 @@ class Keys:
     SUBMITTED = "fp:submitted"  # counter giving submit numbers
     WORKERS = "fp:workers"  # ZSET worker name -> last heartbeat (epoch)
     EVENTS = "fp:events"  # pub/sub: state changes of all jobs (for /ws/jobs)
+    HUB = "fp:hub"  # pub/sub: never published; keeps a web process's reader subscribed
 
     @staticmethod
     def job(job_id: str) -> str:  # HASH: the job record (see JOB_FIELDS)

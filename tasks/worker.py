@@ -206,16 +206,22 @@ class Reporter:
             self.send("section")
 
 
+def _exception_for(record: dict[str, Any]) -> dict[str, Any]:
+    state = JobState(record["state"])
+    if state is JobState.CANCELLED:
+        return exception_fields("TaskRevokedError", "cancelled")
+    if state is JobState.FAILED:
+        return exception_fields("RuntimeError", record.get("error") or "failed")
+    return {}
+
+
 def _finish(reporter: Reporter, jobs: JobStore, state: JobState, result: dict | None, error: str | None) -> dict:
     extra: dict[str, Any] = {"finished_at": time.time()}
     if result is not None:
         extra["result"] = result
     if error is not None:
         extra["error"] = error
-    if state is JobState.FAILED:
-        extra.update(exception_fields("RuntimeError", error or "failed"))
-    elif state is JobState.CANCELLED:
-        extra.update(exception_fields("TaskRevokedError", "cancelled"))
+    extra.update(_exception_for({"state": state.value, "error": error}))
     jobs.mark_finished(reporter.job_id, state, result, error)
     meta = reporter.send("final", state, extra)
     jobs.publish_event({"job_id": reporter.job_id, "state": state.value, "seq": meta["seq"], "error": error})
@@ -246,8 +252,15 @@ def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> dict[str,
     """Run one job; every outcome is written as our final meta with the next ``seq``."""
     jobs = store()
     record = jobs.get(job_id)
-    if record is None or JobState(record["state"]) in TERMINAL:
-        raise Ignore()  # deleted, expired, or cancelled while queued (the web tier finished it)
+    if record is None:
+        raise Ignore()  # deleted or expired while queued
+    if JobState(record["state"]) in TERMINAL:
+        # Cancelled while queued: the web tier wrote the final, then Celery's STARTED (task
+        # tracking) overwrote it.  Write it back under the same seq; watchers dedupe by seq.
+        Reporter(self, job_id, jobs, time.time(), record["seq"] - 1).send(
+            "final", JobState(record["state"]), {"error": record.get("error"), **_exception_for(record)}
+        )
+        raise Ignore()
     reporter = Reporter(self, job_id, jobs, time.time(), record["seq"])
 
     if jobs.cancel_requested(job_id):  # cancelled while queued: never starts

@@ -52,7 +52,8 @@ def test_make_run_on_a_clean_clone(tmp_path):
     output = (tmp_path / "make-run.log").read_text(errors="replace")
     assert "profile: tiny" in output and "noise" in output, output[-3000:]
     assert "stopped" in output, output[-3000:]
-    assert rc == 0 or rc == 2 and "Interrupt" in output, (rc, output[-3000:])
+    # our launcher exits 0; make itself dies of the SIGINT it also received, as with Ctrl-C
+    assert rc in (0, -signal.SIGINT, 2, 130), (rc, output[-3000:])
     time.sleep(0.5)
     with pytest.raises(httpx.HTTPError):
         httpx.get(base + "/healthz", timeout=2)

@@ -95,7 +95,9 @@ def test_sse_compat_stream_carries_previews_then_status(live):
                 events.append((name, json.loads(line[6:])))
     assert events[-1][0] == "status" and events[-1][1]["status"] == "completed"
     assert events[-1][1]["progress"] == 100
-    processing = [d for n, d in events if n == "progress" and d["status"] == "processing"]
+    progress = [d for n, d in events if n == "progress"]
+    assert all(a != b for a, b in zip(progress, progress[1:], strict=False)), "a progress event repeated"
+    processing = [d for d in progress if d["status"] == "processing"]
     assert any("preview_image_base64" in d for d in processing)
     _jpeg(next(d["preview_image_base64"] for d in processing if "preview_image_base64" in d))
     status = httpx.get(f"{live.base}/status/{job_id}").json()
@@ -241,6 +243,9 @@ def test_queue_positions_and_cancel(live):
         assert _final_state(live, j["id"])["state"] == "succeeded"
     never = live.job(queued[1]["id"])
     assert never["state"] == "cancelled" and never["started_at"] is None and never["attempts"] == 0
+    # Celery's STARTED (written when the worker dequeued it) did not bury the final
+    raw = json.loads(live.redis().get(Keys.celery_meta(queued[1]["id"])))
+    assert raw["status"] == "REVOKED" and raw["result"]["seq"] == never["seq"] == 1
     assert httpx.post(f"{live.base}/api/jobs/{queued[1]['id']}/cancel").status_code == 409
     assert httpx.delete(f"{live.base}/api/jobs/{queued[0]['id']}").status_code == 204
     assert httpx.get(f"{live.base}/api/jobs/{queued[0]['id']}").status_code == 404
@@ -342,3 +347,21 @@ def test_previews_decode_to_the_announced_strip(live):
     p = previews[-1]
     img = np.asarray(_jpeg(p["image"]))
     assert img.shape == (p["tile_height"], p["frames"] * p["tile_width"], 3) == (16, 9 * 16, 3)
+
+
+def test_all_jobs_feed(live):
+    from .wsclient import Watcher
+
+    feed = Watcher(live.ws_base + "/ws/jobs", timeout=30)
+    feed.start()
+    feed.connected.wait(10)
+    _wait(lambda: feed.messages, 10, "feed snapshot")
+    assert feed.messages[0]["type"] == "snapshot" and isinstance(feed.messages[0]["jobs"], list)
+    job = live.submit()
+    _final_state(live, job["id"])
+    _wait(lambda: any(m.get("job_id") == job["id"] and m.get("state") == "succeeded" for m in feed.messages),
+          10, "the finished event")  # fmt: skip
+    mine = [m for m in feed.messages[1:] if m.get("job_id") == job["id"]]
+    assert all(m["type"] == "job" for m in mine)
+    assert [m["state"] for m in mine][0] == "queued" and mine[0]["event"] == "submitted"
+    assert "running" in [m["state"] for m in mine]

@@ -24,13 +24,13 @@ log = logging.getLogger("framepack.web")
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
+    app.json.sort_keys = False  # snapshots read in their own order
     app.config.update(
         REDIS_URL=settings.store_url(),
         RESULTS_DIR=str(settings.results_dir()),
         MAX_CONTENT_LENGTH=int(os.environ.get("FRAMEPACK_MAX_UPLOAD_BYTES", 32 * 2**20)),
         HUB_POLL_INTERVAL=2.0,
         WS_SEND_BUFFER=int(os.environ.get("FRAMEPACK_WS_SEND_BUFFER", 256 * 1024)),
-        JSON_SORT_KEYS=False,
     )
     app.config.update(config or {})
     service = Service(app.config["REDIS_URL"], Path(app.config["RESULTS_DIR"]),
@@ -59,7 +59,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        field = "body" if exc.code == 413 else None
+        unknown_job = exc.code == 404 and str(exc.description).startswith("unknown job")
+        field = "body" if exc.code == 413 else "job_id" if unknown_job else None
         message = "request body too large" if exc.code == 413 else (exc.description or exc.name)
         errors = [{"field": field, "message": message}] if field else []
         resp = jsonify({"error": message, "field": field, "errors": errors})

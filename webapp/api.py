@@ -36,7 +36,7 @@ def parse_submission(fields: dict[str, Any], files: dict[str, bytes]) -> tuple[J
     Raises :class:`ImageError` or pydantic's ``ValidationError``; nothing is stored.
     """
     if "image" not in files:
-        raise ImageError("image", "an input image is required")
+        raise ImageError("image", "an input image is required", status=400)
     fields = {k: v for k, v in fields.items() if v not in ("", None) or k in ("prompt", "n_prompt")}
     fields.pop("image", None)
     has_end = "end_image" in files
@@ -53,7 +53,7 @@ def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
     if request.mimetype == "application/json":
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
-            raise ImageError("body", "the JSON body must be an object")
+            raise ImageError("body", "the JSON body must be an object", status=400)
         files = {}
         for name in ("image", "end_image"):
             value = body.get(name)
@@ -75,8 +75,7 @@ def submit_from_request(translate: dict[str, str] | None = None) -> tuple[dict[s
         fields, files = read_request()
         params, image, end = parse_submission(fields, files)
     except ImageError as exc:
-        return None, error(400 if exc.field in ("image", "body") and "required" in exc.message else 422,
-                           f"{exc.field}: {exc.message}", translate.get(exc.field, exc.field))  # fmt: skip
+        return None, error(exc.status, f"{exc.field}: {exc.message}", translate.get(exc.field, exc.field))
     except ValidationError as exc:
         errs = [{**e, "field": translate.get(e["field"], e["field"])} for e in field_errors(exc)]
         return None, error(422, "; ".join(f"{e['field']}: {e['message']}" for e in errs), errs[0]["field"], errs)

@@ -44,7 +44,7 @@ def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
     return {
         "job_id": view["id"],
         "status": view["status"],
-        "progress": round(100 * (view.get("progress") or 0), 1),
+        "progress": round(100.0 * float(view.get("progress") or 0), 1),
         "progress_step": done if view["state"] != JobState.SUCCEEDED.value else total,
         "progress_total": total,
         "progress_info": view.get("error") or view.get("message") or view.get("stage") or view["status"],
@@ -118,12 +118,12 @@ def stream(job_id: str) -> Response:
                     body["preview_image_base64"] = view["preview"]["image"]
                 yield _sse("progress", body)
                 item = None
-                while item is None:
+                while item is None or item.seq <= last:  # skip what this stream already showed
+                    if outbox.overflowed:
+                        return  # a client this far behind reconnects and starts from a snapshot
                     item = outbox.get(timeout=15.0)
                     if item is None:
                         yield ": keep-alive\n\n"
-                if item.seq <= last:
-                    continue
                 last = item.seq
                 view = {**view, **item.data, "id": job_id}
                 view["status"] = LEGACY_STATUS[JobState(view["state"])]

@@ -85,6 +85,7 @@ class JobHub:
         self._lock = threading.Lock()
         self._watchers: dict[str, set[Outbox]] = {}
         self._last_seq: dict[str, int] = {}
+        self._last_preview: dict[str, str] = {}
         self._changes: deque[tuple[str, str]] = deque()
         self._subscribed: dict[str, threading.Event] = {}
         self._thread: threading.Thread | None = None
@@ -119,6 +120,7 @@ class JobHub:
                 self._changes.append(("unsub", channel))
                 if channel.startswith(CELERY_META_PREFIX):
                     self._last_seq.pop(channel[len(CELERY_META_PREFIX) :], None)
+                    self._last_preview.pop(channel[len(CELERY_META_PREFIX) :], None)
 
     def watch_job(self, job_id: str, outbox: Outbox) -> None:
         self.watch(Keys.celery_meta(job_id), outbox)
@@ -151,7 +153,7 @@ class JobHub:
         with self._lock:
             channels = list(self._watchers)
             self._changes.clear()
-        ps.subscribe("fp:hub", *channels)  # a fixed channel keeps the connection subscribed
+        ps.subscribe(Keys.HUB, *channels)  # a fixed channel keeps the connection subscribed
         self._poll(channels)  # whatever was published while we were not listening
         next_poll = time.monotonic() + self.poll_interval
         while True:
@@ -207,10 +209,16 @@ class JobHub:
         if seq <= self._last_seq.get(job_id, 0):
             return None  # already delivered (pub/sub and polling overlap)
         self._last_seq[job_id] = seq
-        if state in TERMINAL:
-            self._last_seq.pop(job_id, None)
         kind = message_type(meta)
         data = {"type": kind, "job_id": job_id, **self.decorate(job_id, meta)}
+        preview = (data.get("preview") or {}).get("image")
+        if preview is not None and preview == self._last_preview.get(job_id):
+            del data["preview"]  # unchanged since the last message: clients keep the one they have
+        elif preview is not None:
+            self._last_preview[job_id] = preview
+        if state in TERMINAL:
+            self._last_seq.pop(job_id, None)
+            self._last_preview.pop(job_id, None)
         lite = None
         if kind == "progress" and "preview" in data:
             lite = encode({k: v for k, v in data.items() if k != "preview"})

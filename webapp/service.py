@@ -115,6 +115,7 @@ class Service:
         p = self.redis.pipeline(transaction=True)
         p.set(Keys.celery_meta(job_id), doc, ex=settings.RESULT_TTL)
         p.publish(Keys.celery_meta(job_id), doc)
+        p.hset(Keys.job(job_id), "seq", seq)
         p.execute()
 
     def delete(self, job_id: str) -> None:

@@ -23,10 +23,11 @@ MAX_SIDE_OUT = 2048
 
 
 class ImageError(ValueError):
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, status: int = 422):
         super().__init__(message)
         self.field = field
         self.message = message
+        self.status = status
 
 
 def decode_base64(field: str, value: str) -> bytes:

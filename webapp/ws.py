@@ -3,7 +3,7 @@
 Each socket gets a snapshot, then the hub's messages from its outbox, sent by the
 socket's own handler thread (so a stalled peer blocks nobody else).  Per-message deflate
 is refused: base64 JPEGs barely compress and deflate per socket dominated latency at
-hundreds of watchers (facts, section 7).
+hundreds of watchers (p99 ~40 ms -> ~350 ms at 500 watchers in a prototype).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flask_sock import Sock
 
 from tasks.protocol import TERMINAL, JobState, Keys, encode
 
-from .service import Service
+from .service import Service, decorate
 
 sock = Sock()
 bp = Blueprint("ws", __name__)
@@ -85,7 +85,9 @@ def job_stream(ws: Any, job_id: str) -> None:
         view = svc.view(job_id)
         ws.send(encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}))
         if JobState(view["state"]) in TERMINAL:
-            ws.send(encode({"type": "final", "job_id": job_id, "seq": view["seq"], **view}))
+            latest = svc.store.latest_meta(job_id)
+            final = decorate(job_id, latest[1]) if latest and latest[0] in TERMINAL else {**view, "seq": view["seq"]}
+            ws.send(encode({"type": "final", "job_id": job_id, **final}))
             ws.close(reason=CLOSE_DONE, message="job finished")
             return
         _pump(ws, outbox, view["seq"], until_final=True)
