@@ -94,6 +94,7 @@ def _worker_record() -> dict[str, Any]:
         "device": models.placement.device if models else None,
         "loaded_variants": models.loaded_variants if models else [],
         "job": _state["current_job"],
+        "error": _state.get("load_error"),
         "heartbeat": time.time(),
     }
 
@@ -126,10 +127,21 @@ def _start_heartbeat() -> None:
     t.start()
 
 
+def _load_or_report() -> None:
+    """Load at start; a failure (missing weights...) must not crash-loop the pool: it is
+    published with the heartbeat (``/readyz`` shows it) and every job fails with it."""
+    try:
+        load_models()
+    except Exception as exc:  # noqa: BLE001
+        _state["load_error"] = _readable(exc)
+        log.error("framepack worker cannot load its model: %s", _state["load_error"])
+        _start_heartbeat()
+
+
 @worker_process_init.connect
 def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
     _state.pop("redis", None)  # never share a connection across a fork
-    load_models()
+    _load_or_report()
 
 
 @worker_init.connect
@@ -140,7 +152,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:  # solo/threads pools run tasks in this very process
     if "prefork" not in _state.get("pool", "prefork"):
-        load_models()
+        _load_or_report()
 
 
 # -- reporting --------------------------------------------------------------------------

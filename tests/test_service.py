@@ -365,3 +365,29 @@ def test_all_jobs_feed(live):
     assert all(m["type"] == "job" for m in mine)
     assert [m["state"] for m in mine][0] == "queued" and mine[0]["event"] == "submitted"
     assert "running" in [m["state"] for m in mine]
+
+
+def test_a_worker_without_weights_reports_why_and_fails_jobs_readably(live, tmp_path):
+    """A profile directory with no weights: /readyz says why, a job fails with the reason."""
+    from stack import Proc, free_port, stack_env, wait_http, web_command, worker_command
+
+    redis_url = live.redis_url.rsplit("/", 1)[0] + "/4"
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    env = stack_env(redis_url, tmp_path / "results", {"FRAMEPACK_PROFILE": str(empty)})
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with (
+        Proc(worker_command(hostname=f"noweights-{port}@%h"), env, tmp_path / "w.log", echo=False),
+        Proc(web_command(port, threads=20), env, tmp_path / "web.log", echo=False) as web,
+    ):
+        wait_http(base + "/healthz", 60, proc=web)
+        reason = _wait(lambda: "not found" in (r := httpx.get(base + "/readyz").json())["reason"] and r, 60,
+                       "the worker's load error")  # fmt: skip
+        assert httpx.get(base + "/readyz").status_code == 503
+        assert "model weights not found" in reason["reason"] and str(empty) in reason["reason"]
+        r = httpx.post(base + "/api/jobs", files={"image": ("in.png", png_bytes(), "image/png")})
+        job_id = r.json()["id"]
+        done = _wait(lambda: (j := httpx.get(f"{base}/api/jobs/{job_id}").json())["state"] == "failed" and j, 60,
+                     "the job to fail")  # fmt: skip
+        assert "model weights not found" in done["error"]

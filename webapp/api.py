@@ -154,7 +154,8 @@ def job_video(job_id: str) -> Response:
     view = _view_or_404(job_id)
     if view["state"] != JobState.SUCCEEDED.value:
         return error(404, f"no final video: the job is {view['state']}", "state")
-    return _mp4(job_id, "video.mp4")
+    record = service().store.get(job_id) or {}
+    return _mp4(job_id, (record.get("result") or {}).get("video"))
 
 
 @bp.get("/api/jobs/<job_id>/sections/<int:k>")

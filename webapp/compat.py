@@ -17,7 +17,7 @@ from werkzeug.datastructures import MultiDict
 
 from tasks.protocol import LEGACY_STATUS, TERMINAL, JobState
 
-from .api import _mp4, _view_or_404, cancel_job, error, service, submit_from_request
+from .api import _view_or_404, cancel_job, job_video, service, submit_from_request
 
 bp = Blueprint("compat", __name__)
 
@@ -77,10 +77,7 @@ def result(job_id: str) -> Response:
 
 @bp.get("/download/video/<job_id>")
 def download(job_id: str) -> Response:
-    view = _view_or_404(job_id)
-    if view["state"] != JobState.SUCCEEDED.value:
-        return error(404, f"no video: the job is {view['status']}", "job_id")
-    return _mp4(job_id, "video.mp4")
+    return job_video(job_id)
 
 
 @bp.post("/cancel/<job_id>")

@@ -203,7 +203,9 @@ class Service:
         except redis.RedisError as exc:
             return False, f"redis unreachable: {exc}"
         if not live:
-            return False, f"no worker with its model loaded consumes queue '{QUEUE}'"
+            errors = sorted({w["error"] for w in self.workers() if w.get("error")})
+            why = f": {'; '.join(errors)}" if errors else ""
+            return False, f"no worker with its model loaded consumes queue '{QUEUE}'{why}"
         return True, f"{len(live)} worker(s) ready"
 
     def start_janitor(self, every: float = 600.0) -> None:
