@@ -55,45 +55,57 @@ class JobParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
 
-    prompt: str = Field("", max_length=4000, description="What the video should show.")
+    prompt: str = Field("", title="Prompt", max_length=4000, description="What the video should show.")
     n_prompt: str = Field(
-        "", max_length=4000, description="Negative prompt; used only when cfg > 1."
+        "", title="Negative prompt", max_length=4000, description="Negative prompt; used only when cfg > 1."
     )
     seed: int | None = Field(
         None,
+        title="Seed",
         ge=-1,
         le=MAX_SEED,
         description="RNG seed. Absent or -1 means random: a real seed is chosen and recorded.",
     )
-    total_second_length: float = Field(5.0, ge=1, le=120, description="Video length in seconds.")
+    total_second_length: float = Field(
+        5.0, title="Length (seconds)", ge=1, le=120, description="Video length in seconds."
+    )
     latent_window_size: int = Field(
-        9, ge=1, le=33, description="Latent frames per section (FramePack: should not change)."
+        9,
+        title="Latent window size",
+        ge=1,
+        le=33,
+        description="Latent frames per section (FramePack: should not change).",
     )
-    steps: int = Field(25, ge=1, le=100, description="Sampling steps per section.")
+    steps: int = Field(25, title="Steps", ge=1, le=100, description="Sampling steps per section.")
     cfg: float = Field(
-        1.0, ge=1, le=32, description="Real CFG scale; > 1 doubles the transformer calls."
+        1.0, title="CFG scale (real)", ge=1, le=32, description="Real CFG scale; > 1 doubles the transformer calls."
     )
-    gs: float = Field(10.0, ge=1, le=32, description="Distilled guidance scale.")
-    rs: float = Field(0.0, ge=0, le=1, description="CFG re-scale.")
+    gs: float = Field(10.0, title="Distilled guidance (gs)", ge=1, le=32, description="Distilled guidance scale.")
+    rs: float = Field(0.0, title="CFG re-scale (rs)", ge=0, le=1, description="CFG re-scale.")
     gpu_memory_preservation: float = Field(
-        6.0, ge=6, le=128, description="GB of GPU memory kept free in low-VRAM mode."
+        6.0,
+        title="GPU memory preservation (GB)",
+        ge=6,
+        le=128,
+        description="GB of GPU memory kept free in low-VRAM mode.",
     )
     use_teacache: bool = Field(
-        True, description="Step cache (TeaCache idea): faster, slightly worse hands."
+        True, title="Use TeaCache", description="Step cache (TeaCache idea): faster, slightly worse hands."
     )
-    mp4_crf: int = Field(16, ge=0, le=51, description="H.264 CRF of the output mp4.")
-    model: Variant = Field(Variant.FRAMEPACK, description="Model variant.")
+    mp4_crf: int = Field(16, title="MP4 CRF", ge=0, le=51, description="H.264 CRF of the output mp4.")
+    model: Variant = Field(Variant.FRAMEPACK, title="Model", description="Model variant.")
     resolution: int | None = Field(
         None,
+        title="Resolution (bucket base)",
         ge=32,
         le=1280,
         description="Bucket base in pixels; absent means the profile's default.",
     )
     end_image: str | None = Field(
         None,
+        title="End image",
         description=(
-            "End frame (original model only). Over HTTP an uploaded file or base64/data URL; "
-            "in-process a path."
+            "End frame (original model only). Over HTTP an uploaded file or base64/data URL; in-process a path."
         ),
     )
 
@@ -101,8 +113,7 @@ class JobParams(BaseModel):
     def _end_image_needs_original_model(self) -> JobParams:
         if self.end_image is not None and self.model is Variant.FRAMEPACK_F1:
             raise ValueError(
-                "end_image: the framepack-f1 model samples forward and cannot take an end image; "
-                "use model=framepack"
+                "end_image: the framepack-f1 model samples forward and cannot take an end image; use model=framepack"
             )
         return self
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, send_from_directory
 from werkzeug.exceptions import HTTPException
 
 from tasks import settings
@@ -41,6 +41,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(compat.bp)
     ws.init_app(app)
+
+    @app.get("/")
+    @app.get("/jobs/<job_id>")
+    def page(job_id: str | None = None) -> Response:
+        """The browser UI: one page; the job view is routed client-side (shareable URLs)."""
+        resp = send_from_directory(app.static_folder, "index.html")
+        resp.headers["Cache-Control"] = "no-cache"
+        return resp
 
     @app.get("/healthz")
     def healthz() -> Response:

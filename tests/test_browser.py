@@ -1,0 +1,154 @@
+"""The browser UI in a real Chromium (Debian's, headless, driven by Playwright).
+
+Submits through the form, watches the preview change and the progress reach 100 %, plays
+the final video, reloads mid-run, cancels a job and sees a field error.  Every wait is on
+page state; screenshots are saved under the path printed at the start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from stack import ROOT
+
+from .conftest import noise_image
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+LONG = 120_000  # ms
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("FRAMEPACK_SKIP_BROWSER"):
+            pytest.skip("FRAMEPACK_SKIP_BROWSER set and no Chromium")
+        pytest.fail(f"{CHROMIUM} missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    path = Path(os.environ.get("FRAMEPACK_ARTIFACTS", ROOT / "artifacts")) / "browser"
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"\nbrowser screenshots: {path}")
+    return path
+
+
+@pytest.fixture
+def image_file(tmp_path) -> Path:
+    path = tmp_path / "start.png"
+    noise_image(120, 120, seed=5).save(path)
+    return path
+
+
+def _open(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]")
+
+
+def _fill_job(page, image: Path, seconds: str, steps: str, resolution: str = "128") -> None:
+    page.set_input_files("#image", str(image))
+    page.fill("#f-prompt", "a glowing orb drifts")
+    page.fill("#f-total_second_length", seconds)
+    if not page.is_visible("#f-steps"):
+        page.click("#advanced summary")
+    page.fill("#f-steps", steps)
+    page.fill("#f-resolution", resolution)
+
+
+def test_field_error_is_shown_next_to_the_field(live, browser, image_file, artifacts):
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    _open(page, live.base + "/")
+    expect(page.locator("#profile-badge")).to_contain_text("tiny")
+    expect(page.locator("#noise-warning")).to_be_visible()
+    _fill_job(page, image_file, "2", "500")
+    page.click("#submit-btn")
+    expect(page.locator("#error-steps")).to_contain_text("100")
+    expect(page.locator("#f-steps")).to_have_attribute("aria-invalid", "true")
+    assert page.url.rstrip("/") == live.base  # nothing submitted
+    # the end image is only offered for the original model
+    expect(page.locator("#end-image-field")).to_be_visible()
+    page.select_option("#f-model", "framepack-f1")
+    expect(page.locator("#end-image-field")).to_be_hidden()
+    page.screenshot(path=artifacts / "field-error.png", full_page=True)
+    page.close()
+
+
+def test_submit_watch_reload_and_play(live, browser, image_file, artifacts):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1100, "height": 1000})
+    _open(page, live.base + "/")
+    _fill_job(page, image_file, "2", "60")
+    page.click("#submit-btn")
+    page.wait_for_url(re.compile(r".*/jobs/[^/]+$"))
+    job_url = page.url
+
+    page.evaluate(
+        """() => { window.__srcs = new Set();
+            const img = document.querySelector('#preview-strip');
+            new MutationObserver(() => window.__srcs.add(img.src))
+              .observe(img, {attributes: true, attributeFilter: ['src']}); }"""
+    )
+    page.wait_for_function("window.__srcs.size >= 3", timeout=LONG)  # the preview changed at least twice
+    page.screenshot(path=artifacts / "job-running.png", full_page=True)
+
+    page.reload()  # mid-run: the page must pick the job up again from its URL
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.url == job_url
+    expect(page.locator("#job-state")).to_contain_text("running")
+    expect(page.locator("#preview-strip")).to_be_visible(timeout=LONG)
+
+    expect(page.locator("#final")).to_be_visible(timeout=LONG)
+    expect(page.locator("#job-state")).to_contain_text("succeeded")
+    expect(page.locator("#job-progress")).to_have_attribute("aria-valuenow", "100")
+    can_play = page.evaluate(
+        """() => document.querySelector('#final-video').canPlayType('video/mp4; codecs="avc1.64001E"')"""
+    )
+    assert can_play in ("probably", "maybe")
+    duration = page.wait_for_function(
+        """() => { const v = document.querySelector('#final-video');
+                   return v.readyState >= 1 && v.duration > 0 ? v.duration : null; }""",
+        timeout=LONG,
+    ).json_value()
+    assert duration == pytest.approx(73 / 30, abs=0.1)
+    expect(page.locator("#job-meta")).to_contain_text("seed")
+    expect(page.locator("#download-link")).to_have_attribute("href", re.compile(r"/api/jobs/.+/video"))
+    page.screenshot(path=artifacts / "job-succeeded.png", full_page=True)
+
+    # the queue lists it
+    expect(page.locator(f"#queue li[data-job-id='{job_url.rsplit('/', 1)[1]}']")).to_be_visible()
+    page.close()
+
+
+def test_cancel_keeps_finished_sections(live, browser, image_file, artifacts):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 390, "height": 900})  # phone width
+    _open(page, live.base + "/")
+    _fill_job(page, image_file, "4", "60")
+    page.click("#submit-btn")
+    page.wait_for_url(re.compile(r".*/jobs/[^/]+$"))
+    expect(page.locator("#sections-list li")).to_have_count(1, timeout=LONG)
+    page.click("#cancel-btn")
+    expect(page.locator("#job-state")).to_contain_text("cancelled", timeout=LONG)
+    assert page.locator("#sections-list li").count() >= 1
+    expect(page.locator("#partial-video")).to_be_visible()
+    expect(page.locator("#final")).to_be_hidden()
+    expect(page.locator("#cancel-btn")).to_be_hidden()
+    page.screenshot(path=artifacts / "job-cancelled-phone.png", full_page=True)
+    page.close()

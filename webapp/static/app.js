@@ -1,0 +1,438 @@
+// framepack-celery browser UI: submit, watch the preview come alive, get the video.
+// No build step: one ES module. Parameter fields come from the OpenAPI document (the server's
+// one schema), live state from the WebSocket streams described in docs/protocol.md.
+
+const $ = (sel) => document.querySelector(sel);
+const MAIN_FIELDS = ["prompt", "n_prompt", "total_second_length", "model", "seed"];
+const TEXTAREAS = new Set(["prompt", "n_prompt"]);
+
+// ---------------------------------------------------------------------------------------------
+// Reconnecting WebSocket with exponential back-off
+class Stream {
+  constructor(path, { onMessage, onState, done = () => false }) {
+    this.path = path;
+    this.onMessage = onMessage;
+    this.onState = onState || (() => {});
+    this.done = done;
+    this.delay = 500;
+    this.stopped = false;
+    this.open();
+  }
+  open() {
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    this.ws = new WebSocket(`${proto}//${location.host}${this.path}`);
+    this.ws.onopen = () => { this.delay = 500; this.onState("live"); };
+    this.ws.onmessage = (e) => this.onMessage(JSON.parse(e.data));
+    this.ws.onclose = (e) => {
+      if (this.stopped || this.done() || e.code === 4404) { this.onState(e.code === 4404 ? "unknown" : "closed"); return; }
+      this.onState(`reconnecting in ${(this.delay / 1000).toFixed(1)} s`);
+      this.timer = setTimeout(() => this.open(), this.delay);
+      this.delay = Math.min(this.delay * 2, 10000);
+    };
+  }
+  close() { this.stopped = true; clearTimeout(this.timer); if (this.ws) this.ws.close(); }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Submit form, generated from the OpenAPI schema
+let schema = null;
+
+function fieldSchema(prop) {
+  // Optional fields come as anyOf [{type...}, {type: null}]
+  const base = prop.anyOf ? prop.anyOf.find((p) => p.type !== "null") || {} : prop;
+  return { ...base, ...prop, type: base.type || prop.type, $ref: base.$ref || prop.$ref };
+}
+
+function resolveEnum(spec, components) {
+  if (spec.enum) return spec.enum;
+  if (spec.$ref) return (components[spec.$ref.split("/").pop()] || {}).enum || null;
+  return null;
+}
+
+function renderField(name, prop, components) {
+  const spec = fieldSchema(prop);
+  const wrap = document.createElement("div");
+  wrap.className = "field";
+  wrap.dataset.field = name;
+  const id = `f-${name}`;
+  const label = document.createElement("label");
+  label.htmlFor = id;
+  label.textContent = spec.title || name;
+  const range = spec.minimum !== undefined ? ` ${spec.minimum}–${spec.maximum}` : "";
+  const hint = document.createElement("span");
+  hint.className = "hint";
+  hint.textContent = ` ${spec.description || ""}${range ? ` (${range.trim()})` : ""}`;
+  label.append(hint);
+  let input;
+  const options = resolveEnum(spec, components);
+  if (options) {
+    input = document.createElement("select");
+    for (const v of options) input.append(new Option(v, v, false, v === spec.default));
+  } else if (spec.type === "boolean") {
+    input = document.createElement("input");
+    input.type = "checkbox";
+    input.checked = !!spec.default;
+    wrap.classList.add("check");
+  } else if (TEXTAREAS.has(name)) {
+    input = document.createElement("textarea");
+    input.rows = name === "prompt" ? 3 : 2;
+  } else {
+    input = document.createElement("input");
+    if (spec.type === "integer" || spec.type === "number") {
+      input.type = "number";
+      input.step = spec.type === "integer" ? "1" : "any";
+      if (spec.minimum !== undefined) input.min = spec.minimum;
+      if (spec.maximum !== undefined) input.max = spec.maximum;
+      input.inputMode = spec.type === "integer" ? "numeric" : "decimal";
+    } else {
+      input.type = "text";
+    }
+    if (spec.default !== undefined && spec.default !== null) input.value = spec.default;
+    else input.placeholder = name === "seed" ? "random" : name === "resolution" ? "server default" : "";
+  }
+  input.id = id;
+  input.name = name;
+  const err = document.createElement("p");
+  err.className = "field-error";
+  err.id = `error-${name}`;
+  err.setAttribute("aria-live", "polite");
+  input.setAttribute("aria-describedby", err.id);
+  if (spec.type === "boolean") {
+    const row = document.createElement("div");
+    row.className = "check";
+    row.append(input, label);
+    wrap.append(row, err);
+  } else {
+    wrap.append(label, input, err);
+  }
+  return wrap;
+}
+
+async function buildForm() {
+  const doc = await (await fetch("/api/openapi.json")).json();
+  const components = doc.components.schemas;
+  schema = components.JobParams;
+  const main = $("#main-fields");
+  const adv = $("#advanced-fields");
+  for (const [name, prop] of Object.entries(schema.properties)) {
+    if (name === "end_image") continue;
+    (MAIN_FIELDS.includes(name) ? main : adv).append(renderField(name, prop, components));
+  }
+  const model = $("#f-model");
+  const syncEnd = () => { $("#end-image-field").hidden = model.value !== "framepack"; };
+  model.addEventListener("change", syncEnd);
+  syncEnd();
+}
+
+function setupImagePicker() {
+  const input = $("#image");
+  const zone = $("#drop-zone");
+  const thumb = $("#image-thumb");
+  const show = (file) => {
+    if (!file) return;
+    thumb.src = URL.createObjectURL(file);
+    thumb.hidden = false;
+    $("#image-hint").textContent = `${file.name} — drop or press Enter to replace`;
+  };
+  input.addEventListener("change", () => show(input.files[0]));
+  zone.addEventListener("click", () => input.click());
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files.length) {
+      const dt = new DataTransfer();
+      dt.items.add(e.dataTransfer.files[0]);
+      input.files = dt.files;
+      show(input.files[0]);
+    }
+  });
+}
+
+function clearErrors() {
+  for (const el of document.querySelectorAll(".field-error")) el.textContent = "";
+  for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+}
+
+function showErrors(body) {
+  const errors = body.errors && body.errors.length ? body.errors : [{ field: body.field || "body", message: body.error }];
+  let first = null;
+  for (const { field, message } of errors) {
+    const slot = $(`#error-${field}`) || $("#error-body");
+    slot.textContent = message;
+    const input = $(`#f-${field}`) || $(`#${field}`);
+    if (input) { input.setAttribute("aria-invalid", "true"); first = first || input; }
+    const details = slot.closest("details");
+    if (details) details.open = true;
+  }
+  if (first) first.focus();
+}
+
+async function submit(e) {
+  e.preventDefault();
+  clearErrors();
+  const form = new FormData();
+  const image = $("#image").files[0];
+  if (image) form.append("image", image);
+  const model = $("#f-model").value;
+  const end = $("#end_image").files[0];
+  if (end && model === "framepack") form.append("end_image", end);
+  for (const name of Object.keys(schema.properties)) {
+    const input = $(`#f-${name}`);
+    if (!input) continue;
+    if (input.type === "checkbox") form.append(name, input.checked ? "true" : "false");
+    else if (input.value !== "") form.append(name, input.value);
+  }
+  const btn = $("#submit-btn");
+  btn.disabled = true;
+  try {
+    const resp = await fetch("/api/jobs", { method: "POST", body: form });
+    const body = await resp.json().catch(() => ({ error: `HTTP ${resp.status}`, field: "body" }));
+    if (resp.status !== 202) { showErrors(body); return; }
+    navigate(`/jobs/${body.id}`);
+  } catch (err) {
+    showErrors({ error: String(err), field: "body" });
+  } finally {
+    btn.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Job view
+let jobStream = null;
+let animation = null;
+
+class PreviewPlayer {
+  // Plays the section's latent frames (tiles of one strip) as a short loop on a canvas.
+  constructor(canvas) { this.canvas = canvas; this.ctx = canvas.getContext("2d"); this.img = null; this.frame = 0; this.timer = null; }
+  show(preview) {
+    const img = new Image();
+    img.onload = () => {
+      this.img = img;
+      this.meta = preview;
+      const scale = Math.max(1, Math.floor(256 / Math.max(preview.tile_width, preview.tile_height)));
+      this.canvas.width = preview.tile_width * scale;
+      this.canvas.height = preview.tile_height * scale;
+      this.ctx.imageSmoothingEnabled = false;
+      if (!this.timer) this.timer = setInterval(() => this.draw(), 1000 / 10);
+      this.draw();
+    };
+    img.src = preview.image;
+  }
+  draw() {
+    if (!this.img) return;
+    const { frames, tile_width: w, tile_height: h } = this.meta;
+    this.frame = (this.frame + 1) % frames;
+    this.ctx.drawImage(this.img, this.frame * w, 0, w, h, 0, 0, this.canvas.width, this.canvas.height);
+  }
+  stop() { clearInterval(this.timer); this.timer = null; }
+}
+
+function fmtSeconds(s) {
+  if (s === null || s === undefined) return "";
+  return s < 60 ? `${s.toFixed(1)} s` : `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+}
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+function renderJob(job) {
+  const state = job.state;
+  const el = $("#job-state");
+  el.textContent = state + (job.stalled ? " (stalled)" : "") + (state === "queued" && job.position ? ` · #${job.position} in queue` : "");
+  el.className = `state ${state}`;
+  $("#job-stage").textContent = TERMINAL.has(state) ? "" : job.stage || "";
+  const pct = Math.round(100 * (state === "succeeded" ? 1 : job.progress || 0));
+  const bar = $("#job-progress");
+  bar.setAttribute("aria-valuenow", String(pct));
+  bar.firstElementChild.style.width = `${pct}%`;
+  const parts = [];
+  if (job.sections) parts.push(`section ${job.section}/${job.sections}`);
+  if (job.steps) parts.push(`step ${job.step}/${job.steps}`);
+  $("#job-progress-text").textContent = `${pct} %${parts.length ? " · " + parts.join(" · ") : ""}`;
+  $("#job-eta").textContent = !TERMINAL.has(state) && job.eta ? `ETA ${fmtSeconds(job.eta)}` : "";
+  if (job.preview) {
+    $("#preview-strip").src = job.preview.image;
+    $("#preview-strip").hidden = false;
+    $("#preview-caption").textContent = `Live preview: ${job.preview.frames} latent frames of the current section, looping`;
+    animation.show(job.preview);
+  }
+  const sections = job.sections_done || [];
+  if (sections.length) {
+    $("#partial").hidden = state === "succeeded";
+    const last = sections[sections.length - 1];
+    const video = $("#partial-video");
+    if (video.dataset.url !== last.url) { video.dataset.url = last.url; video.src = last.url; }
+    $("#sections-list").innerHTML = "";
+    for (const s of sections) {
+      const li = document.createElement("li");
+      const a = document.createElement("a");
+      a.href = s.url;
+      a.textContent = `after section ${s.section}: ${s.frames} frames, ${s.seconds.toFixed(2)} s`;
+      li.append(a);
+      $("#sections-list").append(li);
+    }
+  }
+  $("#cancel-btn").hidden = TERMINAL.has(state);
+  if (state === "succeeded" && job.result) {
+    $("#final").hidden = false;
+    const video = $("#final-video");
+    if (video.dataset.url !== job.result.video_url) { video.dataset.url = job.result.video_url; video.src = job.result.video_url; }
+    $("#download-link").href = job.result.video_url;
+    const r = job.result;
+    const meta = { seed: r.seed, frames: r.frames, seconds: r.seconds, size: `${r.width}×${r.height}`,
+      profile: r.profile, "sampling time": fmtSeconds(r.timings && r.timings.sampling), "total time": fmtSeconds(r.timings && r.timings.total),
+      "cache-skipped steps": r.cache_skipped_steps };
+    $("#job-meta").innerHTML = "";
+    for (const [k, v] of Object.entries(meta)) {
+      if (v === undefined || v === "") continue;
+      const dt = document.createElement("dt"); dt.textContent = k;
+      const dd = document.createElement("dd"); dd.textContent = v;
+      $("#job-meta").append(dt, dd);
+    }
+  }
+  if (job.error) { $("#job-error").hidden = false; $("#job-error").textContent = job.error; }
+  if (TERMINAL.has(state)) animation.stop();
+}
+
+function openJob(id) {
+  $("#submit-view").hidden = true;
+  $("#job-view").hidden = false;
+  $("#job-id").textContent = id;
+  for (const sel of ["#partial", "#final", "#job-error", "#preview-strip"]) $(sel).hidden = true;
+  $("#job-meta").innerHTML = "";
+  $("#sections-list").innerHTML = "";
+  for (const v of ["#partial-video", "#final-video"]) { $(v).removeAttribute("src"); delete $(v).dataset.url; }
+  if (animation) animation.stop();
+  animation = new PreviewPlayer($("#preview-canvas"));
+  let job = null;
+  let finished = false;
+  if (jobStream) jobStream.close();
+  jobStream = new Stream(`/ws/jobs/${encodeURIComponent(id)}`, {
+    done: () => finished,
+    onState: (s) => {
+      $("#job-connection").textContent = s === "live" || s === "closed" ? "" : s;
+      if (s === "unknown") { $("#job-error").hidden = false; $("#job-error").textContent = "Unknown job."; }
+    },
+    onMessage: (m) => {
+      if (m.type === "snapshot") job = { ...m.job };
+      else job = { ...job, ...m, id };
+      if (m.type === "final") finished = true;
+      renderJob(job);
+    },
+  });
+  $("#cancel-btn").onclick = async () => {
+    $("#cancel-btn").disabled = true;
+    await fetch(`/api/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+    $("#cancel-btn").disabled = false;
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queue (all jobs, live)
+const queueJobs = new Map();
+
+function renderQueue() {
+  const ul = $("#queue");
+  ul.innerHTML = "";
+  const jobs = [...queueJobs.values()].sort((a, b) => (b.created_at || 0) - (a.created_at || 0)).slice(0, 50);
+  for (const j of jobs) {
+    const li = document.createElement("li");
+    li.dataset.jobId = j.id;
+    li.dataset.state = j.state;
+    const a = document.createElement("a");
+    a.href = `/jobs/${j.id}`;
+    a.dataset.nav = "";
+    const img = document.createElement("img");
+    img.src = `/api/jobs/${j.id}/input`;
+    img.alt = "";
+    img.loading = "lazy";
+    const text = document.createElement("div");
+    const where = j.state === "queued" && j.position ? ` · #${j.position}` : "";
+    const pct = Math.round(100 * (j.state === "succeeded" ? 1 : j.progress || 0));
+    text.innerHTML = `<div><span class="state ${j.state}"></span></div><div class="line"></div><div class="mini"><div></div></div>`;
+    text.querySelector(".state").textContent = `${j.state}${where}`;
+    text.querySelector(".line").textContent = j.prompt || "(no prompt)";
+    text.querySelector(".mini div").style.width = `${pct}%`;
+    a.append(img, text);
+    li.append(a);
+    ul.append(li);
+  }
+}
+
+async function refreshSummary(id) {
+  const resp = await fetch(`/api/jobs/${encodeURIComponent(id)}`);
+  if (!resp.ok) { queueJobs.delete(id); renderQueue(); return; }
+  const j = await resp.json();
+  queueJobs.set(id, { ...j, prompt: (j.params || {}).prompt || "" });
+  renderQueue();
+}
+
+function watchQueue() {
+  new Stream("/ws/jobs", {
+    onMessage: (m) => {
+      if (m.type === "snapshot") {
+        queueJobs.clear();
+        for (const j of m.jobs) queueJobs.set(j.id, j);
+        renderQueue();
+        return;
+      }
+      const known = queueJobs.get(m.job_id);
+      if (!known || m.event === "submitted" || m.event === "finished" || TERMINAL.has(m.state) || m.seq === 0) {
+        refreshSummary(m.job_id); // positions of the others move too, but the next event refreshes them
+        for (const [id, j] of queueJobs) if (j.state === "queued" && id !== m.job_id) refreshSummary(id);
+        return;
+      }
+      queueJobs.set(m.job_id, { ...known, state: m.state, progress: m.progress ?? known.progress });
+      renderQueue();
+    },
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing: "/" is the form, "/jobs/<id>" a job (shareable, survives reload)
+function route() {
+  const m = location.pathname.match(/^\/jobs\/([^/]+)$/);
+  if (m) { openJob(decodeURIComponent(m[1])); return; }
+  if (jobStream) { jobStream.close(); jobStream = null; }
+  if (animation) animation.stop();
+  $("#job-view").hidden = true;
+  $("#submit-view").hidden = false;
+}
+
+function navigate(path) {
+  history.pushState({}, "", path);
+  route();
+}
+
+document.addEventListener("click", (e) => {
+  const a = e.target.closest("a[data-nav]");
+  if (!a || e.metaKey || e.ctrlKey || e.shiftKey) return;
+  e.preventDefault();
+  navigate(a.getAttribute("href"));
+});
+window.addEventListener("popstate", route);
+
+async function showProfile() {
+  try {
+    const info = await (await fetch("/api/info")).json();
+    const names = info.profiles.length ? info.profiles.join(", ") : "no worker yet";
+    $("#profile-badge").textContent = `model profile: ${names}`;
+    $("#noise-warning").hidden = !info.is_noise;
+  } catch {
+    $("#profile-badge").textContent = "model profile: unknown";
+  }
+}
+
+async function main() {
+  setupImagePicker();
+  $("#submit-form").addEventListener("submit", submit);
+  await buildForm();
+  showProfile();
+  watchQueue();
+  route();
+  document.body.dataset.ready = "true";
+}
+
+main();
