@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import redis
@@ -30,9 +32,25 @@ from tasks.protocol import CELERY_META_PREFIX, TERMINAL, Keys, encode, message_t
 log = logging.getLogger("framepack.hub")
 
 
+def text_frame(text: str) -> bytes:
+    """A complete, unmasked WebSocket text frame (server to client; no extensions)."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 1 << 16:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+PING_FRAME = bytes((0x89, 0))
+
+
 @dataclass
 class Item:
-    """One message for watchers: encoded once, shared by every outbox."""
+    """One message for watchers: encoded once (text and wire frame), shared by every outbox."""
 
     kind: str
     seq: int
@@ -40,9 +58,21 @@ class Item:
     lite: str | None = None  # the same message without its preview (for slow sockets)
     data: dict[str, Any] = field(default_factory=dict)
 
+    @cached_property
+    def frame(self) -> bytes:
+        return text_frame(self.text)
+
 
 class Outbox:
-    """A socket's pending messages.  Never blocks the producer."""
+    """One watcher's messages.  The producer (the hub's reader thread) never blocks on it.
+
+    With a socket attached, a message the socket can take at once is written by the
+    producer itself, a single non-blocking send of the pre-built frame: no thread wake-up
+    per watcher, which is what keeps hundreds of watchers fast.  Whatever does not fit
+    (a slow or stalled reader) waits here for the socket's own thread, and while it waits a
+    newer preview replaces the pending ones (latest wins); progress, section and final
+    messages are kept.  Without a socket (SSE) everything waits here for :meth:`get`.
+    """
 
     def __init__(self, limit: int = 2000, stats: dict[str, int] | None = None):
         self._items: deque[Item] = deque()
@@ -51,22 +81,126 @@ class Outbox:
         self.limit = limit
         self.overflowed = False
         self.dropped_previews = 0
+        self.write_lock = threading.Lock()  # every write to the socket holds it
+        self._sock: socket.socket | None = None
+        self._partial = b""  # the unsent tail of a frame the producer began
+        self._partial_item: Item | None = None
+        self._busy = False  # the socket's thread is writing: the producer must queue
+        self.sent_seq = 0
+        self.final_sent = False
+        self.dead = False
 
-    def put(self, item: Item) -> None:
+    # -- producer side --------------------------------------------------------------------
+    def put(self, item: Item) -> bool:
+        """Deliver or queue ``item``; True when the socket's thread has work (call :meth:`wake`).
+
+        The producer wakes threads only after it has offered a message to every watcher,
+        so hundreds of waking threads never slow the direct writes to the rest."""
         with self._cond:
-            if item.lite is not None:  # a newer preview makes pending ones stale
-                for i, old in enumerate(self._items):
-                    if old.lite is not None:
-                        self._items[i] = Item(old.kind, old.seq, old.lite, None, old.data)
-                        self.dropped_previews += 1
-                        self.stats["dropped_previews"] = self.stats.get("dropped_previews", 0) + 1
-            self._items.append(item)
-            if len(self._items) > self.limit and not self.overflowed:
-                self.overflowed = True
-                self.stats["overflowed"] = self.stats.get("overflowed", 0) + 1
+            if self._sock is not None and not (self._items or self._partial or self._busy or self.dead):
+                if item.seq and item.seq <= self.sent_seq:
+                    return False
+                if self._send_now(item):
+                    return bool(self._partial) or self.dead or item.kind == "final"
+            self._queue(item)
+            return True
+
+    def wake(self) -> None:
+        with self._cond:
             self._cond.notify()
 
+    def _send_now(self, item: Item) -> bool:
+        """Write ``item`` without blocking; False if the socket took none of it."""
+        if not self.write_lock.acquire(blocking=False):
+            return False
+        try:
+            frame = item.frame
+            try:
+                n = self._sock.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self.dead = True
+                return True
+        finally:
+            self.write_lock.release()
+        self._mark_sent(item)
+        if n < len(frame):  # the rest must go before anything else: the socket's thread sends it
+            self._partial, self._partial_item = frame[n:], item
+        return True
+
+    def _mark_sent(self, item: Item) -> None:
+        self.sent_seq = max(self.sent_seq, item.seq)
+        if item.kind == "final":
+            self.final_sent = True
+
+    def _queue(self, item: Item) -> None:
+        if item.lite is not None:  # a newer preview makes pending ones stale
+            for i, old in enumerate(self._items):
+                if old.lite is not None:
+                    self._items[i] = Item(old.kind, old.seq, old.lite, None, old.data)
+                    self.dropped_previews += 1
+                    self.stats["dropped_previews"] = self.stats.get("dropped_previews", 0) + 1
+        self._items.append(item)
+        if len(self._items) > self.limit and not self.overflowed:
+            self.overflowed = True
+            self.stats["overflowed"] = self.stats.get("overflowed", 0) + 1
+
+    # -- the socket's own thread ------------------------------------------------------------
+    def attach(self, sock: socket.socket, sent_seq: int) -> None:
+        """Allow direct writes once the snapshot (seq ``sent_seq``) is on the wire."""
+        with self._cond:
+            self.sent_seq = max(self.sent_seq, sent_seq)
+            self._sock = sock
+            self._cond.notify()
+
+    def detach(self) -> None:
+        """No more writes from the producer (wait for one in progress to end)."""
+        with self._cond:
+            self._sock = None
+        with self.write_lock:
+            pass
+
+    def drain(self, timeout: float) -> str:
+        """Write what is pending (blocking).  Returns ``final`` once the final message is
+        out, ``overflow``, ``dead``, ``sent`` or ``idle`` (nothing came within ``timeout``)."""
+        with self._cond:
+            if not (self._partial or self._items or self.final_sent or self.dead or self.overflowed):
+                self._cond.wait(timeout)
+            if self.overflowed:
+                return "overflow"
+            if self.dead:
+                return "dead"
+            if self._partial:
+                data, item = self._partial, None
+                self._partial, self._partial_item = b"", None
+            elif self._items:
+                item = self._items.popleft()
+                if item.seq and item.seq <= self.sent_seq:
+                    return "sent"
+                data = item.frame
+            else:
+                return "final" if self.final_sent else "idle"
+            self._busy = True
+        try:
+            with self.write_lock:
+                self._sock.sendall(data)
+        except OSError:
+            self.dead = True
+            return "dead"
+        finally:
+            with self._cond:
+                self._busy = False
+                if item is not None:
+                    self._mark_sent(item)
+        return "final" if self.final_sent and not self._items and not self._partial else "sent"
+
+    def ping(self) -> None:
+        with self.write_lock:
+            self._sock.sendall(PING_FRAME)
+
     def get(self, timeout: float) -> Item | None:
+        """For consumers without a socket (SSE): the next pending message."""
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
@@ -197,8 +331,9 @@ class JobHub:
         self.stats["messages"] += 1
         with self._lock:
             outboxes = list(self._watchers.get(channel, ()))
-        for box in outboxes:
-            box.put(item)
+        to_wake = [box for box in outboxes if box.put(item)]
+        for box in to_wake:
+            box.wake()
         self.stats["delivered"] += len(outboxes)
 
     def _job_item(self, job_id: str, raw: bytes) -> Item | None:

@@ -9,6 +9,7 @@ hundreds of watchers (p99 ~40 ms -> ~350 ms at 500 watchers in a prototype).
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, request
@@ -53,23 +54,48 @@ def _limit_send_buffer(ws: Any) -> None:
             pass
 
 
-def _pump(ws: Any, outbox: Any, last_seq: int, until_final: bool) -> None:
-    while True:
-        item = outbox.get(timeout=1.0)
-        if outbox.overflowed:
-            ws.close(reason=CLOSE_TOO_SLOW, message="too slow: messages were piling up")
-            return
-        if item is None:
-            if not ws.connected:
+#: Seconds between our pings.  We ping from the socket's own thread (simple-websocket's
+#: pinger is off) so that every frame written to a socket goes through the outbox's lock.
+PING_SECONDS = 25.0
+
+
+#: After the final message the client usually hangs up itself; closing hundreds of sockets
+#: from our side at the very moment the final goes out to all of them competes with that
+#: delivery, so we wait this long for the client before closing.
+CLOSE_GRACE_SECONDS = 2.0
+
+
+def _close_after_grace(ws: Any) -> None:
+    deadline = time.monotonic() + CLOSE_GRACE_SECONDS
+    while ws.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ws.connected:
+        ws.close(reason=CLOSE_DONE, message="job finished")
+
+
+def _pump(ws: Any, outbox: Any, sent_seq: int, until_final: bool) -> None:
+    """Hand the socket to its outbox after the snapshot, then write what the producer
+    could not, ping when idle, and close after the final (or when too far behind)."""
+    outbox.attach(ws.sock, sent_seq)
+    next_ping = time.monotonic() + PING_SECONDS
+    try:
+        while True:
+            state = outbox.drain(timeout=1.0)
+            if state == "overflow":
+                outbox.detach()
+                ws.close(reason=CLOSE_TOO_SLOW, message="too slow: messages were piling up")
                 return
-            continue
-        if item.seq and item.seq <= last_seq:
-            continue  # already in the snapshot or sent
-        ws.send(item.text)
-        last_seq = item.seq or last_seq
-        if until_final and item.kind == "final":
-            ws.close(reason=CLOSE_DONE, message="job finished")
-            return
+            if state == "dead" or (state == "idle" and not ws.connected):
+                return
+            if state == "final" and until_final:
+                outbox.detach()
+                _close_after_grace(ws)
+                return
+            if state == "idle" and time.monotonic() >= next_ping:
+                outbox.ping()
+                next_ping = time.monotonic() + PING_SECONDS
+    finally:
+        outbox.detach()
 
 
 @sock.route("/ws/jobs/<job_id>", bp=bp)
@@ -110,6 +136,6 @@ def jobs_stream(ws: Any) -> None:
 
 
 def init_app(app: Flask) -> None:
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25})
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": None})  # we ping: see PING_SECONDS
     app.before_request(refuse_compression)
     app.register_blueprint(bp)

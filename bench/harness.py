@@ -1,0 +1,119 @@
+"""Shared by the benchmarks: a real stack to measure against, and small statistics helpers.
+
+Every benchmark runs against the same processes `make run` starts (stack.py): an embedded
+Valkey, the gunicorn web tier and, where a benchmark needs one, a Celery worker on the tiny
+profile.  Numbers are only compared within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from stack import Proc, Valkey, free_port, stack_env, wait_http, web_command, worker_command
+
+
+class BenchStack:
+    """Valkey + web tier (+ worker) in a temporary directory; a context manager."""
+
+    def __init__(self, worker: bool = True, threads: int = 1200, env: dict[str, str] | None = None,
+                 root: Path | None = None):  # fmt: skip
+        self.with_worker = worker
+        self.threads = threads
+        self.extra_env = env or {}
+        self._tmp = None if root else tempfile.TemporaryDirectory(prefix="fp-bench-")
+        self.root = Path(root or self._tmp.name)
+        self._stack = ExitStack()
+
+    def __enter__(self) -> BenchStack:
+        valkey = self._stack.enter_context(Valkey(self.root / "valkey"))
+        self.redis_url = valkey.url + "/0"
+        self.env = stack_env(self.redis_url, self.root / "results", {"FRAMEPACK_PROFILE": "tiny", **self.extra_env})
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.ws_base = f"ws://127.0.0.1:{self.port}"
+        if self.with_worker:
+            self.worker = self._stack.enter_context(
+                Proc(worker_command(), self.env, self.root / "worker.log", echo=False, name="worker")
+            )
+        self.web = self._stack.enter_context(
+            Proc(web_command(self.port, self.threads), self.env, self.root / "web.log", echo=False, name="web")
+        )
+        wait_http(self.base + ("/readyz" if self.with_worker else "/healthz"), 300, proc=self.web)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def web_pid(self) -> int:
+        """The gunicorn worker process (the child of the master) that serves requests."""
+        master = self.web.popen.pid
+        out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+        return int(out[0]) if out else master
+
+
+def commandstats(r: redis.Redis) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}
+
+
+def command_delta(before: dict[str, int], after: dict[str, int], skip: tuple[str, ...] = ("info",)) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after if k not in skip and after[k] - before.get(k, 0)}
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    v = sorted(values)
+
+    def pct(p: float) -> float:
+        return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))]
+
+    return {"n": len(v), "p50": pct(50), "p95": pct(95), "p99": pct(99), "max": v[-1], "mean": statistics.fmean(v)}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    facts: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        import torch
+
+        facts["torch"] = torch.__version__
+        facts["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return facts
