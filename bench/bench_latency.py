@@ -197,7 +197,7 @@ def measure(stack: BenchStack, mode: str, watchers: int, updates: int, rate: flo
         "redis_commands_per_update": sum(delta.values()) / published,
         "redis_commands": delta,
         "publish_ms": percentiles(publish_ms),
-        "raw_latencies_ms": latencies,
+        "raw_latencies_ms": [round(v, 2) for v in latencies],
     }
 
 

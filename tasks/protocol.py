@@ -103,6 +103,8 @@ class Keys:
 
 
 CELERY_META_PREFIX = "celery-task-meta-"
+#: The normalised input image as the worker saves it next to the video (RESULTS_DIR/<id>/).
+INPUT_FILE = "input.png"
 
 #: Fields of the job record hash (all strings in Redis; JSON where noted).
 JOB_FIELDS = (

@@ -28,6 +28,7 @@ from .jobs import JobStore
 from .protocol import (
     HEARTBEAT_SECONDS,
     HEARTBEAT_TTL,
+    INPUT_FILE,
     QUEUE,
     STATE_TO_CELERY,
     TASK_NAME,
@@ -302,7 +303,7 @@ def _run(task: Task, reporter: Reporter, jobs: JobStore, job_id: str, params: di
         image = _open_image(image_bytes, "input image")
         end_image = _open_image(end_bytes, "end image") if end_bytes is not None else None
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "input.png").write_bytes(image_bytes)
+        (out_dir / INPUT_FILE).write_bytes(image_bytes)
         result = generate(
             job, image, reporter.on_event, lambda: jobs.cancel_requested(job_id),
             models=models, output=OutputLayout(out_dir, "video"), end_image=end_image,

@@ -8,9 +8,9 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request, sen
 from pydantic import ValidationError
 
 from diffusers_helper.params import JobParams, field_errors
-from tasks.protocol import TERMINAL, JobState
+from tasks.protocol import INPUT_FILE, TERMINAL, JobState
 
-from .service import INPUT_FILE, Service
+from .service import Service
 from .uploads import ImageError, decode_base64, normalise
 
 bp = Blueprint("api", __name__)

@@ -28,15 +28,11 @@ from tasks.protocol import (
     TERMINAL,
     JobState,
     Keys,
-    encode,
     exception_fields,
     make_meta,
 )
 
 from .hub import JobHub
-
-#: The input image as the worker saves it next to the video.
-INPUT_FILE = "input.png"
 
 
 def job_links(job_id: str) -> dict[str, str]:
@@ -226,4 +222,4 @@ class Service:
         self._janitor.start()
 
 
-__all__ = ["INPUT_FILE", "Service", "decorate", "encode", "job_links"]
+__all__ = ["Service", "decorate", "job_links"]
