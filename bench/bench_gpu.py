@@ -23,17 +23,14 @@ is exercised on any machine; its numbers say nothing about a GPU.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.harness import machine_facts
+from bench.harness import bench_main, machine_facts
 
 STEPS, WARMUP = 25, 2
 LATENT_WINDOW = 9
@@ -232,15 +229,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="3 timed steps after 1 warm-up")
-    ap.add_argument("--tiny-cpu", action="store_true", help="tiny config on CPU at 64 px (sanity check)")
-    ap.add_argument("--json", default=None, help="write the raw result here")
-    args = ap.parse_args()
-    result = run(smoke=args.smoke, tiny_cpu=args.tiny_cpu)
-    print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    tiny = {"action": "store_true", "help": "tiny config on CPU at 64 px (sanity check)"}
+    bench_main(run, markdown, __doc__, "3 timed steps after 1 warm-up", {"--tiny-cpu": tiny})
 
 
 if __name__ == "__main__":

@@ -18,17 +18,14 @@ client port belongs to that process), plus server-wide ``PUBSUB NUMPAT`` and the
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
 from bench.bench_overhead import noise_png
-from bench.harness import BenchStack, machine_facts, rss_mb
+from bench.harness import BenchStack, bench_main, machine_facts, rss_mb
 
 FORM = {"total_second_length": "1", "steps": "4"}
 CHECKPOINTS = (0.1, 0.5, 1.0)
@@ -138,14 +135,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="20 jobs instead of 1,000")
-    ap.add_argument("--json", default=None, help="write the raw result here")
-    args = ap.parse_args()
-    result = run(smoke=args.smoke)
-    print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    bench_main(run, markdown, __doc__, "20 jobs instead of 1,000")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ The worker keeps its default progress throttle (10 Hz), as in production.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -32,7 +31,7 @@ from typing import Any
 import httpx
 import simple_websocket
 
-from bench.harness import BenchStack, machine_facts
+from bench.harness import BenchStack, bench_main, machine_facts
 
 SEED = 1234
 FORM = {"seed": str(SEED), "total_second_length": "1", "steps": "4"}
@@ -194,15 +193,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="2 runs each instead of 8")
-    ap.add_argument("--json", default=None, help="write the raw result here")
-    args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run(smoke=args.smoke)
-    print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    bench_main(run, markdown, __doc__, "2 runs each instead of 8")
 
 
 if __name__ == "__main__":

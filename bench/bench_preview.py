@@ -9,7 +9,6 @@ with torch limited to one thread as in a worker that leaves the rest to the mode
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import statistics
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from bench.harness import bench_main
 from diffusers_helper.preview import LatentToRGB, encode_jpeg, make_preview, rgb_strip
 
 SIZES = {"640x608 (640 bucket)": (640, 608), "832x480": (480, 832)}
@@ -159,15 +159,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    result = run(args.smoke)
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    bench_main(run, markdown, __doc__, "fewer repetitions (a check, not a measurement)")
 
 
 if __name__ == "__main__":

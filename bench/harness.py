@@ -65,6 +65,24 @@ class BenchStack:
         return int(out[0]) if out else master
 
 
+def bench_main(run: Any, markdown: Any, doc: str, smoke_help: str, extra: dict[str, dict] | None = None) -> None:
+    """The command line every benchmark module shares: ``[--smoke] [--json OUT] [extra flags]``."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--json", default=None, help="write the raw result here")
+    for flag, options in (extra or {}).items():
+        ap.add_argument(flag, **options)
+    args = vars(ap.parse_args())
+    out = args.pop("json")
+    result = run(**args)
+    print(markdown(result))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+
+
 def commandstats(r: redis.Redis) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}
 

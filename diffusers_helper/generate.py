@@ -27,7 +27,7 @@ from .observe import tap_sections
 from .params import FPS, JobParams, Variant
 from .preview import LatentToRGB, make_preview
 from .profiles import Models
-from .sections import output_seconds, pipeline_num_frames, section_count
+from .sections import TEMPORAL_RATIO, output_seconds, pipeline_num_frames, section_count
 from .stepcache import StepCache
 from .video import video_tensor_to_frames, write_mp4
 
@@ -231,6 +231,7 @@ def generate(
             path = write_mp4(output.section(k), frames, crf=params.mp4_crf)
             state["history"] = video
             result.section_videos.append(path)
+            result.frames = len(frames)  # the video so far; the final count replaces it below
             emit(ev.SectionDone(k, sections, path, len(frames), output_seconds(len(frames))))
 
         cache = StepCache(pipe.transformer, params.use_teacache, cache_threshold, 2 if do_cfg else 1)
@@ -266,7 +267,7 @@ def generate(
         # 6. The final video: the pipeline's history, trimmed as the pipeline trims it.
         t = time.perf_counter()
         history = state["history"]
-        n = (history.shape[2] - 1) // 4 * 4 + 1
+        n = (history.shape[2] - 1) // TEMPORAL_RATIO * TEMPORAL_RATIO + 1
         frames = video_tensor_to_frames(history[:, :, :n])
         result.video = write_mp4(output.video, frames, crf=params.mp4_crf)
         result.frames = len(frames)
@@ -274,11 +275,8 @@ def generate(
         result.status = "succeeded"
         lap("write_video", t)
     except Cancelled:
-        result.status = "cancelled"
-        if result.section_videos:
-            last_path = result.section_videos[-1]
-            result.frames = _count_frames(last_path)
-            result.seconds = output_seconds(result.frames)
+        result.status = "cancelled"  # frames: those of the last section written (or 0)
+        result.seconds = output_seconds(result.frames)
     finally:
         timings["total"] = round(time.perf_counter() - t_start, 4)
 
@@ -287,13 +285,6 @@ def generate(
     result.sidecar = output.sidecar
     _write_json(output.sidecar, sidecar(result, models))
     return result
-
-
-def _count_frames(path: Path) -> int:
-    import av
-
-    with av.open(str(path)) as c:
-        return c.streams.video[0].frames or sum(1 for _ in c.decode(video=0))
 
 
 def sidecar(result: GenerationResult, models: Models) -> dict[str, Any]:
