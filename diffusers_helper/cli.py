@@ -111,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif isinstance(e, ev.PreviewReady) and args.previews:
             (args.previews / f"preview-s{e.section:02d}-{e.step:03d}.jpg").write_bytes(e.preview.jpeg)
         elif isinstance(e, ev.SectionDone):
-            bar.write(f"section {e.section}/{e.sections} written: {e.path} ({e.message})")
+            bar.write(f"section {e.section}/{e.sections} written: {e.path} ({e.message})", file=sys.stderr)
 
     try:
         result = generate(params, image, on_event, models=models, output=layout, end_image=end)

@@ -1,0 +1,189 @@
+"""Python client for a framepack-celery server: submit, watch with progress bars, download.
+
+    from framepack_client import FramePackClient
+
+    client = FramePackClient("http://127.0.0.1:8000")
+    job = client.submit("photo.jpg", prompt="The girl dances gracefully", total_second_length=5)
+    final = client.wait(job["id"])          # progress bars on stderr; reconnects by itself
+    client.download(job["id"], "out.mp4")
+
+Imports neither torch nor Flask: it speaks the documented REST and WebSocket protocol
+(docs/protocol.md) with httpx and simple-websocket.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import simple_websocket
+
+__all__ = ["APIError", "FramePackClient"]
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class APIError(RuntimeError):
+    """A 4xx/5xx answer; ``field`` names the offending field when the server said."""
+
+    def __init__(self, status: int, body: dict[str, Any]):
+        self.status = status
+        self.body = body
+        self.field = body.get("field")
+        super().__init__(f"HTTP {status}: {body.get('error', body)}")
+
+
+class FramePackClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0):
+        self.base = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> FramePackClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _json(self, resp: httpx.Response) -> Any:
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {"error": resp.text}
+            raise APIError(resp.status_code, body)
+        return resp.json() if resp.content else None
+
+    # -- REST -----------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return self._json(self.http.get("/api/info"))
+
+    def submit(self, image: str | Path | bytes, end_image: str | Path | bytes | None = None, **params: Any) -> dict:
+        """Queue a job; ``params`` are FramePack parameters (see ``/api/openapi.json``)."""
+        files = {"image": ("image", _read(image))}
+        if end_image is not None:
+            files["end_image"] = ("end_image", _read(end_image))
+        data = {k: json.dumps(v) if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
+        return self._json(self.http.post("/api/jobs", files=files, data=data))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/api/jobs/{job_id}"))
+
+    def jobs(self, offset: int = 0, limit: int = 20) -> dict[str, Any]:
+        return self._json(self.http.get("/api/jobs", params={"offset": offset, "limit": limit}))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._json(self.http.post(f"/api/jobs/{job_id}/cancel"))
+
+    def delete(self, job_id: str) -> None:
+        self._json(self.http.delete(f"/api/jobs/{job_id}"))
+
+    def download(self, job_id: str, path: str | Path, section: int | None = None) -> Path:
+        """The final video (or the video as written after ``section``) to ``path``."""
+        url = f"/api/jobs/{job_id}/video" if section is None else f"/api/jobs/{job_id}/sections/{section}"
+        path = Path(path)
+        with self.http.stream("GET", url) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._json(resp)
+            with path.open("wb") as f:
+                for chunk in resp.iter_bytes():
+                    f.write(chunk)
+        return path
+
+    # -- live -----------------------------------------------------------------------------
+    def watch(self, job_id: str, reconnect: bool = True, max_backoff: float = 10.0) -> Iterator[dict[str, Any]]:
+        """Every message of the job's stream, ending with ``final``.
+
+        On a dropped connection it reconnects with back-off; the new ``snapshot`` carries
+        what was missed that matters (sections, latest preview, progress), and messages
+        already seen (by ``seq``) are not repeated."""
+        ws_url = self.base.replace("http://", "ws://").replace("https://", "wss://") + f"/ws/jobs/{job_id}"
+        last_seq, delay = -1, 0.5
+        while True:
+            try:
+                ws = simple_websocket.Client.connect(ws_url)
+            except (OSError, simple_websocket.ConnectionError):
+                if not reconnect:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, max_backoff)
+                continue
+            delay = 0.5
+            try:
+                while True:
+                    raw = ws.receive(timeout=60)
+                    if raw is None:
+                        continue
+                    msg = json.loads(raw)
+                    seq = msg.get("seq", 0)
+                    if msg["type"] != "snapshot" and seq <= last_seq:
+                        continue
+                    last_seq = max(last_seq, seq)
+                    yield msg
+                    if msg["type"] == "final":
+                        return
+            except simple_websocket.ConnectionClosed as exc:
+                if exc.reason == 4404:
+                    raise APIError(404, {"error": f"unknown job {job_id}", "field": "job_id"}) from None
+                if not reconnect:
+                    raise
+            finally:
+                try:
+                    ws.close()
+                except simple_websocket.ConnectionClosed:
+                    pass  # the server closed it first
+
+    def wait(self, job_id: str, progress: bool = True, previews: str | Path | None = None) -> dict[str, Any]:
+        """Block until the job ends; progress bars on stderr; returns the ``final`` message.
+
+        With ``previews`` a directory, every preview strip received is saved there."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=100, unit="%", desc="queued", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        sections_seen = 0
+        if previews is not None:
+            Path(previews).mkdir(parents=True, exist_ok=True)
+        try:
+            for msg in self.watch(job_id):
+                job = msg["job"] if msg["type"] == "snapshot" else msg
+                state = job.get("state", "")
+                if state == "queued":
+                    bar.set_description(f"queued #{job.get('position') or '?'}")
+                elif job.get("steps"):
+                    where = f"section {job['section']}/{job['sections']} · step {job['step']}/{job['steps']}"
+                    bar.set_description(where)
+                elif job.get("stage"):
+                    bar.set_description(job["stage"])
+                pct = 100 if state == "succeeded" else round(100 * (job.get("progress") or 0), 1)
+                bar.n = pct
+                if job.get("eta") is not None and state not in TERMINAL:
+                    bar.set_postfix_str(f"ETA {job['eta']:.0f}s")
+                bar.refresh()
+                done = job.get("sections_done") or []
+                for s in done[sections_seen:]:
+                    line = f"section {s['section']}: {s['frames']} frames, {s['seconds']:.2f} s ({s['url']})"
+                    bar.write(line, file=sys.stderr)
+                sections_seen = max(sections_seen, len(done))
+                if previews is not None and job.get("preview"):
+                    data = job["preview"]["image"].split(",", 1)[1]
+                    Path(previews, f"preview-{job.get('seq', 0):05d}.jpg").write_bytes(base64.b64decode(data))
+                if msg["type"] == "final":
+                    bar.set_description(state)
+                    bar.set_postfix_str("")
+                    return msg
+        finally:
+            bar.close()
+        raise RuntimeError("stream ended without a final message")
+
+
+def _read(source: str | Path | bytes) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()

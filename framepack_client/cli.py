@@ -1,0 +1,88 @@
+"""``framepack-client``: use a framepack-celery server from the shell.
+
+    framepack-client submit photo.jpg --prompt "..." --set total_second_length=5 -o out.mp4
+    framepack-client watch JOB_ID [-o out.mp4]
+    framepack-client status JOB_ID | cancel JOB_ID | list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import APIError, FramePackClient
+
+
+def _params(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants NAME=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="framepack-client", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--server", default=os.environ.get("FRAMEPACK_SERVER", "http://127.0.0.1:8000"))
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("submit", help="queue a job, then watch it and download the video")
+    s.add_argument("image")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--end-image", default=None)
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any FramePack parameter")
+    s.add_argument("-o", "--output", default=None, help="download the video here when done")
+    s.add_argument("--no-wait", action="store_true")
+    s.add_argument("--previews", default=None, help="save preview strips in this directory")
+    w = sub.add_parser("watch", help="follow a job with progress bars")
+    w.add_argument("job_id")
+    w.add_argument("-o", "--output", default=None)
+    w.add_argument("--previews", default=None)
+    for name in ("status", "cancel"):
+        sub.add_parser(name).add_argument("job_id")
+    sub.add_parser("list")
+    args = ap.parse_args(argv)
+
+    with FramePackClient(args.server) as client:
+        try:
+            if args.command == "submit":
+                job = client.submit(args.image, args.end_image, prompt=args.prompt, **_params(args.set))
+                print(f"job {job['id']} queued (position {job.get('position')})", file=sys.stderr)
+                if args.no_wait:
+                    print(job["id"])
+                    return 0
+                return _follow(client, job["id"], args.output, args.previews)
+            if args.command == "watch":
+                return _follow(client, args.job_id, args.output, args.previews)
+            if args.command == "status":
+                print(json.dumps(client.job(args.job_id), indent=2))
+            elif args.command == "cancel":
+                print(client.cancel(args.job_id)["state"])
+            elif args.command == "list":
+                for j in client.jobs()["jobs"]:
+                    print(f"{j['id']}  {j['state']:<10} {round(100 * (j.get('progress') or 0)):>3}%  {j['prompt']}")
+        except APIError as exc:
+            where = f" ({exc.field})" if exc.field else ""
+            print(f"error{where}: {exc.body.get('error', exc)}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _follow(client: FramePackClient, job_id: str, output: str | None, previews: str | None) -> int:
+    final = client.wait(job_id, previews=previews)
+    if final["state"] != "succeeded":
+        print(f"{final['state']}: {final.get('error') or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    result = final.get("result") or {}
+    print(f"succeeded: {result.get('frames')} frames, {result.get('seconds')} s, seed {result.get('seed')}",
+          file=sys.stderr)  # fmt: skip
+    if output:
+        print(client.download(job_id, output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
