@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import events as ev
 from .buckets import fit_to_bucket, resize_and_center_crop
-from .observe import tap_sections
+from .observe import capture_cond_output, tap_sections
 from .params import FPS, JobParams, Variant
 from .preview import LatentToRGB, make_preview
 from .profiles import Models
@@ -236,7 +236,8 @@ def generate(
 
         cache = StepCache(pipe.transformer, params.use_teacache, cache_threshold, 2 if do_cfg else 1)
         try:
-            with cache, tap_sections(pipe, on_history):
+            pipe.scheduler.rescale = params.rs if do_cfg else 0.0  # FramePack: rs only with real CFG
+            with cache, tap_sections(pipe, on_history), capture_cond_output(pipe, 2 if do_cfg else 1):
                 pipe(
                     image=start,
                     last_image=last,

@@ -23,16 +23,52 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 
 class X0Scheduler(FlowMatchEulerDiscreteScheduler):
-    """Flow-matching Euler that remembers the x0 prediction of its last step."""
+    """Flow-matching Euler that remembers the x0 prediction of its last step.
+
+    It also applies FramePack's CFG re-scale (``rs``), which diffusers' pipeline lacks: with
+    ``rescale`` > 0 and the conditional prediction of the step in ``cond_output`` (see
+    :func:`capture_cond_output`), the guided velocity is pulled towards the conditional
+    one's standard deviation, ``rs * v * std(v_cond) / std(v) + (1 - rs) * v``.
+    """
 
     x0: torch.Tensor | None = None
+    rescale: float = 0.0
+    cond_output: torch.Tensor | None = None
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
         if self.step_index is None:
             self._init_step_index(timestep)
+        if self.rescale > 0 and self.cond_output is not None:
+            model_output = rescale_guidance(model_output.float(), self.cond_output.float(), self.rescale)
         sigma = self.sigmas[self.step_index]
         self.x0 = sample.float() - sigma * model_output.float()
         return super().step(model_output, timestep, sample, *args, **kwargs)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """CFG re-scale (Lin et al., "Common Diffusion Noise Schedules...", §3.4), per sample."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+@contextmanager
+def capture_cond_output(pipe: Any, calls_per_step: int) -> Iterator[None]:
+    """Hand the scheduler each step's conditional prediction (the first of its
+    ``calls_per_step`` transformer calls: the pipeline runs cond, then uncond)."""
+    count = [0]
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        if count[0] % calls_per_step == 0:
+            pipe.scheduler.cond_output = (output[0] if isinstance(output, tuple) else output.sample).detach()
+        count[0] += 1
+
+    handle = pipe.transformer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        pipe.scheduler.cond_output = None
 
 
 @contextmanager

@@ -166,3 +166,14 @@ def test_preview_is_the_x0_prediction(tiny_models, tmp_path):
         if i + 1 < len(seen):  # x_{t-1} of this step is the next step's input
             err_prev = np.abs(shown - as_preview(seen[i + 1][0])).mean()
             assert err_prev > 5, f"step {i}: preview looks like the map of x_(t-1) ({err_prev:.2f})"
+
+
+def test_cfg_rescale_changes_guided_runs_only(tiny_models, tmp_path):
+    base = {"total_second_length": 1, "steps": 3, "seed": 21}
+    a, _ = run(tiny_models, tmp_path, "a", cfg=3.0, n_prompt="blur", rs=0.0, **base)
+    b, _ = run(tiny_models, tmp_path, "b", cfg=3.0, n_prompt="blur", rs=0.9, **base)
+    c, _ = run(tiny_models, tmp_path, "c", cfg=1.0, rs=0.0, **base)
+    d, _ = run(tiny_models, tmp_path, "d", cfg=1.0, rs=0.9, **base)
+    va, vb, vc, vd = (read_mp4(r.video).astype(int) for r in (a, b, c, d))
+    assert np.abs(va - vb).mean() > 0.5  # re-scale acts on real CFG...
+    assert np.array_equal(vc, vd)  # ...and, as in FramePack, not without it

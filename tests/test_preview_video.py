@@ -77,3 +77,16 @@ def test_mp4_has_moov_first_for_streaming(tmp_path):
     path = write_mp4(tmp_path / "v.mp4", np.zeros((5, 32, 32, 3), np.uint8))
     data = path.read_bytes()
     assert data.index(b"moov") < data.index(b"mdat")  # +faststart
+
+
+def test_cfg_rescale_formula():
+    from diffusers_helper.observe import rescale_guidance
+
+    torch.manual_seed(0)
+    guided, cond = torch.randn(2, 4, 3, 5, 5) * 3, torch.randn(2, 4, 3, 5, 5)
+    assert torch.equal(rescale_guidance(guided, cond, 0.0), guided)
+    full = rescale_guidance(guided, cond, 1.0)
+    dims = [1, 2, 3, 4]
+    assert torch.allclose(full.std(dim=dims), cond.std(dim=dims), rtol=1e-5)  # per sample
+    half = rescale_guidance(guided, cond, 0.5)
+    assert torch.allclose(half, 0.5 * full + 0.5 * guided)
