@@ -391,3 +391,31 @@ def test_a_worker_without_weights_reports_why_and_fails_jobs_readably(live, tmp_
         done = _wait(lambda: (j := httpx.get(f"{base}/api/jobs/{job_id}").json())["state"] == "failed" and j, 60,
                      "the job to fail")  # fmt: skip
         assert "model weights not found" in done["error"]
+
+
+def test_flower_sees_progress_events(live):
+    """Flower learns of progress only from events: task-progress (without the image) and the
+    standard task-started / task-succeeded."""
+    import threading
+
+    from celery import Celery
+
+    app = Celery(broker=live.redis_url)
+    seen: list[dict] = []
+    with app.connection() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        t = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True)
+        t.start()
+        time.sleep(1.0)  # the receiver's queue is bound
+        job = live.submit(total_second_length=2, steps=4)
+        _final_state(live, job["id"])
+        _wait(lambda: any(e["type"] == "task-succeeded" and e.get("uuid") == job["id"] for e in seen), 15,
+              "task-succeeded")  # fmt: skip
+        receiver.should_stop = True
+    mine = [e for e in seen if e.get("uuid") == job["id"]]
+    kinds = [e["type"] for e in mine]
+    assert "task-started" in kinds and "task-succeeded" in kinds
+    progress = [e for e in mine if e["type"] == "task-progress"]
+    assert len(progress) >= 3
+    assert [e["seq"] for e in progress] == sorted(e["seq"] for e in progress)
+    assert any(e["progress"] > 0 for e in progress) and all("preview" not in e for e in progress)
