@@ -14,7 +14,8 @@ from typing import Any
 
 import redis
 
-from .protocol import HEARTBEAT_TTL, TERMINAL, JobState, Keys, parse_celery_payload
+from . import settings
+from .protocol import TERMINAL, JobState, Keys, parse_celery_payload
 
 
 def new_job_id() -> str:
@@ -140,7 +141,7 @@ class JobStore:
         p.hset(Keys.job(job_id), mapping={"state": JobState.RUNNING.value, "started_at": repr(time.time()),
                                           "worker": worker})  # fmt: skip
         p.zrem(Keys.QUEUED, job_id)
-        p.set(Keys.heartbeat(job_id), worker, ex=HEARTBEAT_TTL)
+        p.set(Keys.heartbeat(job_id), worker, ex=settings.HEARTBEAT_TTL)
         attempts = p.execute()[0]
         return int(attempts)
 

@@ -122,9 +122,6 @@ JOB_FIELDS = (
     "seq",  # the last update's seq (survives Celery's STARTED overwrite on redelivery)
 )
 
-#: Worker heartbeat period and how long a heartbeat counts as alive.
-HEARTBEAT_SECONDS = 5.0
-HEARTBEAT_TTL = 20
 
 
 # -- update meta (what the worker writes with update_state) -----------------------------

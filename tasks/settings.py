@@ -27,6 +27,9 @@ def profile_spec() -> str:
 PROGRESS_INTERVAL = float(os.environ.get("FRAMEPACK_PROGRESS_INTERVAL", "0.1"))
 #: A job whose worker died is delivered again at most this many times, then fails.
 MAX_REDELIVERIES = int(os.environ.get("FRAMEPACK_MAX_REDELIVERIES", "1"))
+#: Worker heartbeat period, and how long a heartbeat counts as alive (then: "stalled").
+HEARTBEAT_SECONDS = float(os.environ.get("FRAMEPACK_HEARTBEAT_SECONDS", "5"))
+HEARTBEAT_TTL = int(os.environ.get("FRAMEPACK_HEARTBEAT_TTL", "20"))
 #: A running job with no heartbeat for this long is failed as "worker lost".
 STALL_FAIL_SECONDS = float(os.environ.get("FRAMEPACK_STALL_FAIL_SECONDS", "600"))
 #: Finished jobs and their files live this long (Celery's result_expires).

@@ -26,8 +26,6 @@ from celery.signals import worker_init, worker_process_init, worker_ready
 from . import settings
 from .jobs import JobStore
 from .protocol import (
-    HEARTBEAT_SECONDS,
-    HEARTBEAT_TTL,
     INPUT_FILE,
     QUEUE,
     STATE_TO_CELERY,
@@ -103,11 +101,11 @@ def _worker_record() -> dict[str, Any]:
 def publish_heartbeat() -> None:
     r = _redis()
     p = r.pipeline(transaction=False)
-    p.set(Keys.worker(worker_name()), json.dumps(_worker_record()), ex=HEARTBEAT_TTL)
+    p.set(Keys.worker(worker_name()), json.dumps(_worker_record()), ex=settings.HEARTBEAT_TTL)
     p.zadd(Keys.WORKERS, {worker_name(): time.time()})
     job = _state["current_job"]
     if job:
-        p.set(Keys.heartbeat(job), worker_name(), ex=HEARTBEAT_TTL)
+        p.set(Keys.heartbeat(job), worker_name(), ex=settings.HEARTBEAT_TTL)
     p.execute()
 
 
@@ -121,7 +119,7 @@ def _start_heartbeat() -> None:
                 publish_heartbeat()
             except redis.RedisError as exc:  # keep beating through a Redis hiccup
                 log.warning("heartbeat failed: %s", exc)
-            time.sleep(HEARTBEAT_SECONDS)
+            time.sleep(settings.HEARTBEAT_SECONDS)
 
     t = threading.Thread(target=beat, name="framepack-heartbeat", daemon=True)
     _state["heartbeat"] = t
@@ -229,6 +227,9 @@ def _exception_for(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(reporter: Reporter, jobs: JobStore, state: JobState, result: dict | None, error: str | None) -> dict:
+    record = jobs.get(reporter.job_id) or {}
+    if record.get("state") in {s.value for s in TERMINAL}:
+        return {}  # already finished elsewhere (a stalled job the web tier failed): keep that verdict
     extra: dict[str, Any] = {"finished_at": time.time()}
     if result is not None:
         extra["result"] = result
@@ -325,8 +326,8 @@ def _run(task: Task, reporter: Reporter, jobs: JobStore, job_id: str, params: di
         "cache_skipped_steps": result.cache_skipped_steps,
         "profile": models.profile.name,
     }
-    if result.status == "cancelled":
-        _finish(reporter, jobs, JobState.CANCELLED, summary, None)
+    if result.status == "cancelled" or (jobs.get(job_id) or {}).get("state") != JobState.RUNNING.value:
+        _finish(reporter, jobs, JobState.CANCELLED, summary, None)  # no-op if already finished elsewhere
         raise Ignore()
     reporter.fields["progress"] = 1.0
     jobs.mark_finished(job_id, JobState.SUCCEEDED, summary, None)

@@ -87,6 +87,9 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
                 "FRAMEPACK_MAX_UPLOAD_BYTES": str(2 * 2**20),
                 "FRAMEPACK_TORCH_THREADS": "1",
                 "FRAMEPACK_WS_SEND_BUFFER": str(16 * 1024),
+                # short heartbeats, so a stall shows within a test
+                "FRAMEPACK_HEARTBEAT_SECONDS": "0.5",
+                "FRAMEPACK_HEARTBEAT_TTL": "3",
                 "FRAMEPACK_PROFILE": "tiny",
             },
         )

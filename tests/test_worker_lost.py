@@ -44,3 +44,36 @@ def test_lost_worker_redelivers_once_then_fails(live):
     w2 = watch(live.ws_base + nxt["links"]["ws"])
     w2.join(120)
     assert w2.of_type("final")[0]["state"] == "succeeded"
+
+
+def test_frozen_worker_shows_stalled_then_fails_and_keeps_that_verdict(live, tmp_path, monkeypatch):
+    """Stalled is shown by the live web tier; the failure after FRAMEPACK_STALL_FAIL_SECONDS
+    is checked through a second web app (in this process) whose limit is 5 s, so the live
+    stack keeps the production limit that lets a redelivered job start in peace."""
+    from tasks import settings
+    from webapp import create_app
+
+    monkeypatch.setattr(settings, "STALL_FAIL_SECONDS", 5.0)
+    impatient = create_app({"REDIS_URL": live.redis_url, "RESULTS_DIR": str(tmp_path)}).test_client()
+    job = live.submit(total_second_length=6, steps=40)
+    pid = _running_on(live, job["id"], 1)
+    os.kill(pid, signal.SIGSTOP)  # frozen: no heartbeat, no progress
+    try:
+        deadline = time.monotonic() + 15
+        while not (view := live.job(job["id"]))["stalled"]:
+            assert time.monotonic() < deadline, "never shown as stalled"
+            time.sleep(0.1)
+        assert view["state"] == "running"
+        deadline = time.monotonic() + 30
+        while (view := impatient.get(f"/api/jobs/{job['id']}").json)["state"] != "failed":
+            assert time.monotonic() < deadline, f"a frozen job stayed {view['state']}"
+            time.sleep(0.2)
+        assert "worker lost" in view["error"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # the worker wakes up, stops at its next step (cancel flag) and leaves the verdict alone
+    nxt = live.submit()
+    w = watch(live.ws_base + nxt["links"]["ws"])
+    w.join(120)
+    assert w.of_type("final")[0]["state"] == "succeeded"
+    assert live.job(job["id"])["state"] == "failed"

@@ -21,7 +21,6 @@ from tasks import settings
 from tasks.app import make_celery
 from tasks.jobs import JobStore, new_job_id
 from tasks.protocol import (
-    HEARTBEAT_TTL,
     LEGACY_STATUS,
     QUEUE,
     TASK_NAME,
@@ -137,8 +136,9 @@ class Service:
         stalled = False
         if state is JobState.RUNNING and not self.store.is_alive(job_id):
             last = max(rec.get("started_at") or 0, meta.get("emitted_at") or 0)
-            stalled = time.time() - last > HEARTBEAT_TTL
+            stalled = time.time() - last > settings.HEARTBEAT_TTL
             if time.time() - last > settings.STALL_FAIL_SECONDS:
+                self.store.request_cancel(job_id)  # a worker that wakes up again stops at its next step
                 self.store.mark_finished(job_id, JobState.FAILED, None, "worker lost (no heartbeat)")
                 self._write_final(job_id, JobState.FAILED, "worker lost (no heartbeat)")
                 return self.view(job_id)
@@ -183,7 +183,8 @@ class Service:
         return out
 
     def workers(self) -> list[dict[str, Any]]:
-        names = [n.decode() for n in self.redis.zrangebyscore(Keys.WORKERS, time.time() - HEARTBEAT_TTL, "+inf")]
+        alive_since = time.time() - settings.HEARTBEAT_TTL
+        names = [n.decode() for n in self.redis.zrangebyscore(Keys.WORKERS, alive_since, "+inf")]
         if not names:
             return []
         return [json.loads(raw) for raw in self.redis.mget([Keys.worker(n) for n in names]) if raw]
