@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from diffusers_helper.video import read_mp4
-from tasks.protocol import Keys
+from tasks.protocol import MESSAGE_TYPES, Keys
 
 from .conftest import png_bytes
 from .wsclient import watch
@@ -52,6 +52,7 @@ def test_submit_watch_and_download(live):
     w = watch(live.ws_base + job["links"]["ws"])
     w.join(90)
     assert w.error is None and w.messages[0]["type"] == "snapshot"
+    assert {m["type"] for m in w.messages} == set(MESSAGE_TYPES)  # all four kinds, nothing else
     progress = w.of_type("progress")
     previews = [m for m in progress if m.get("preview")]
     assert previews, "no preview reached the socket"
