@@ -37,6 +37,10 @@ worker_concurrency = 1
 broker_transport_options = {"visibility_timeout": MAX_JOB_SECONDS + 3600}
 broker_connection_retry_on_startup = True
 
+# A pool child loads its model in the background (tasks/worker.py), so it reports "up"
+# quickly; the margin covers a slow fork on a loaded machine.
+worker_proc_alive_timeout = 60
+
 task_time_limit = MAX_JOB_SECONDS
 task_soft_time_limit = MAX_JOB_SECONDS - 60
 task_track_started = True

@@ -134,13 +134,18 @@ def _load_or_report() -> None:
     except Exception as exc:  # noqa: BLE001
         _state["load_error"] = _readable(exc)
         log.error("framepack worker cannot load its model: %s", _state["load_error"])
-        _start_heartbeat()
+    _start_heartbeat()
 
 
 @worker_process_init.connect
 def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
+    """Load in the background: the pool kills a child that has not said it is up within
+    ``worker_proc_alive_timeout`` seconds, and real weights take minutes to load.  Until
+    then the heartbeat says ``ready: false``; a task that arrives first waits for the load
+    (``load_models`` holds the lock while loading)."""
     _state.pop("redis", None)  # never share a connection across a fork
-    _load_or_report()
+    _start_heartbeat()
+    threading.Thread(target=_load_or_report, name="framepack-loader", daemon=True).start()
 
 
 @worker_init.connect

@@ -420,3 +420,54 @@ def test_flower_sees_progress_events(live):
     assert len(progress) >= 3
     assert [e["seq"] for e in progress] == sorted(e["seq"] for e in progress)
     assert any(e["progress"] > 0 for e in progress) and all("preview" not in e for e in progress)
+
+
+def _read_frames(sock, until_final: bool = True, timeout: float = 90.0) -> list[tuple[int, bytes]]:
+    """Parse server frames (unmasked) from a raw socket until a text frame of type final."""
+    sock.settimeout(timeout)
+    buf, frames = b"", []
+
+    def need(n: int) -> None:
+        nonlocal buf
+        while len(buf) < n:
+            chunk = sock.recv(1 << 16)
+            assert chunk, "connection closed early"
+            buf += chunk
+
+    while True:
+        need(2)
+        opcode, length = buf[0] & 0x0F, buf[1] & 0x7F
+        assert buf[0] & 0x80 and not buf[1] & 0x80, "fragmented or masked server frame"
+        head = 2
+        if length == 126:
+            need(4)
+            length, head = int.from_bytes(buf[2:4], "big"), 4
+        elif length == 127:
+            need(10)
+            length, head = int.from_bytes(buf[2:10], "big"), 10
+        need(head + length)
+        payload, buf = buf[head : head + length], buf[head + length :]
+        frames.append((opcode, payload))
+        if opcode == 8 or (until_final and opcode == 1 and payload.startswith(b'{"type":"final"')):
+            return frames
+
+
+def test_client_pings_during_congestion_never_split_a_frame(live):
+    """simple-websocket answers pings from its own thread; those pongs must never land inside a
+    frame that a congested socket is still taking."""
+    job = live.submit(total_second_length=2, steps=60, resolution=128)
+    sock, head = _raw_ws(live.base, f"/ws/jobs/{job['id']}", rcvbuf=4096)
+    assert head.startswith("HTTP/1.1 101")
+    mask = b"\x01\x02\x03\x04"
+    ping = bytes((0x89, 0x81)) + mask + bytes((ord("p") ^ mask[0],))
+    for _ in range(40):  # ping while not reading: the server's writes back up meanwhile
+        sock.sendall(ping)
+        time.sleep(0.05)
+    frames = _read_frames(sock)
+    sock.close()
+    opcodes = {op for op, _ in frames}
+    assert opcodes <= {1, 9, 10, 8} and 10 in opcodes  # text, ping, pong (answered), close
+    texts = [json.loads(p) for op, p in frames if op == 1]  # every text frame is whole JSON
+    assert texts[0]["type"] == "snapshot" and texts[-1]["type"] == "final"
+    seqs = [m["seq"] for m in texts[1:]]
+    assert seqs == sorted(seqs)

@@ -81,11 +81,10 @@ class Outbox:
         self.limit = limit
         self.overflowed = False
         self.dropped_previews = 0
-        self.write_lock = threading.Lock()  # every write to the socket holds it
-        self._sock: socket.socket | None = None
-        self._partial = b""  # the unsent tail of a frame the producer began
-        self._partial_item: Item | None = None
-        self._busy = False  # the socket's thread is writing: the producer must queue
+        self.write_lock = threading.Lock()  # every write to the socket holds it: frames never interleave
+        self._raw: socket.socket | None = None  # the connection, once owned
+        self._sock: socket.socket | None = None  # set while the producer may write directly
+        self._partial = b""  # the unsent tail of a frame the producer began (goes out first)
         self.sent_seq = 0
         self.final_sent = False
         self.dead = False
@@ -97,7 +96,7 @@ class Outbox:
         The producer wakes threads only after it has offered a message to every watcher,
         so hundreds of waking threads never slow the direct writes to the rest."""
         with self._cond:
-            if self._sock is not None and not (self._items or self._partial or self._busy or self.dead):
+            if self._sock is not None and not (self._items or self._partial or self.dead):
                 if item.seq and item.seq <= self.sent_seq:
                     return False
                 if self._send_now(item):
@@ -112,7 +111,7 @@ class Outbox:
     def _send_now(self, item: Item) -> bool:
         """Write ``item`` without blocking; False if the socket took none of it."""
         if not self.write_lock.acquire(blocking=False):
-            return False
+            return False  # someone is writing: queue instead
         try:
             frame = item.frame
             try:
@@ -122,12 +121,12 @@ class Outbox:
             except OSError:
                 self.dead = True
                 return True
+            self._mark_sent(item)
+            if n < len(frame):  # the rest goes before any other write (see write_external)
+                self._partial = frame[n:]
+            return True
         finally:
             self.write_lock.release()
-        self._mark_sent(item)
-        if n < len(frame):  # the rest must go before anything else: the socket's thread sends it
-            self._partial, self._partial_item = frame[n:], item
-        return True
 
     def _mark_sent(self, item: Item) -> None:
         self.sent_seq = max(self.sent_seq, item.seq)
@@ -147,12 +146,27 @@ class Outbox:
             self.stats["overflowed"] = self.stats.get("overflowed", 0) + 1
 
     # -- the socket's own thread ------------------------------------------------------------
-    def attach(self, sock: socket.socket, sent_seq: int) -> None:
+    def own(self, ws: Any) -> None:
+        """Route every other write to this connection through our lock.
+
+        simple-websocket's reader thread answers a client's pings (and close frames) by
+        writing to its socket; without the lock such a write could land in the middle of a
+        frame that a congested socket is still taking."""
+        self._raw = ws.sock
+        ws.sock = LockedSocket(ws.sock, self)
+
+    def attach(self, sent_seq: int) -> None:
         """Allow direct writes once the snapshot (seq ``sent_seq``) is on the wire."""
         with self._cond:
             self.sent_seq = max(self.sent_seq, sent_seq)
-            self._sock = sock
+            self._sock = self._raw
             self._cond.notify()
+
+    def write_external(self, data: bytes) -> None:
+        with self.write_lock:
+            with self._cond:
+                tail, self._partial = self._partial, b""
+            self._raw.sendall(tail + data)
 
     def detach(self) -> None:
         """No more writes from the producer (wait for one in progress to end)."""
@@ -171,33 +185,32 @@ class Outbox:
                 return "overflow"
             if self.dead:
                 return "dead"
-            if self._partial:
-                data, item = self._partial, None
-                self._partial, self._partial_item = b"", None
-            elif self._items:
-                item = self._items.popleft()
-                if item.seq and item.seq <= self.sent_seq:
-                    return "sent"
-                data = item.frame
-            else:
+            if not (self._partial or self._items):
                 return "final" if self.final_sent else "idle"
-            self._busy = True
-        try:
-            with self.write_lock:
-                self._sock.sendall(data)
-        except OSError:
-            self.dead = True
-            return "dead"
-        finally:
+        with self.write_lock:  # taken before the queue, so the producer cannot overtake us
             with self._cond:
-                self._busy = False
-                if item is not None:
+                if self._partial:
+                    data, item, self._partial = self._partial, None, b""
+                elif self._items:
+                    item = self._items.popleft()
+                    if item.seq and item.seq <= self.sent_seq:
+                        return "sent"
+                    data = item.frame
+                else:
+                    return "sent"
+            try:
+                self._raw.sendall(data)
+            except OSError:
+                self.dead = True
+                return "dead"
+            if item is not None:
+                with self._cond:
                     self._mark_sent(item)
-        return "final" if self.final_sent and not self._items and not self._partial else "sent"
+        with self._cond:
+            return "final" if self.final_sent and not self._items and not self._partial else "sent"
 
     def ping(self) -> None:
-        with self.write_lock:
-            self._sock.sendall(PING_FRAME)
+        self.write_external(PING_FRAME)
 
     def get(self, timeout: float) -> Item | None:
         """For consumers without a socket (SSE): the next pending message."""
@@ -205,6 +218,25 @@ class Outbox:
             if not self._items:
                 self._cond.wait(timeout)
             return self._items.popleft() if self._items else None
+
+
+class LockedSocket:
+    """The connection as simple-websocket sees it once an :class:`Outbox` owns it: its
+    writes go through the outbox (after any unfinished frame); everything else passes."""
+
+    def __init__(self, sock: socket.socket, outbox: Outbox):
+        self._sock = sock
+        self._outbox = outbox
+
+    def send(self, data: bytes, *_flags: int) -> int:
+        self._outbox.write_external(data)
+        return len(data)
+
+    def sendall(self, data: bytes, *_flags: int) -> None:
+        self._outbox.write_external(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 Transform = Callable[[str, dict[str, Any]], dict[str, Any]]

@@ -76,7 +76,7 @@ def _close_after_grace(ws: Any) -> None:
 def _pump(ws: Any, outbox: Any, sent_seq: int, until_final: bool) -> None:
     """Hand the socket to its outbox after the snapshot, then write what the producer
     could not, ping when idle, and close after the final (or when too far behind)."""
-    outbox.attach(ws.sock, sent_seq)
+    outbox.attach(sent_seq)
     next_ping = time.monotonic() + PING_SECONDS
     try:
         while True:
@@ -106,6 +106,7 @@ def job_stream(ws: Any, job_id: str) -> None:
         return
     _limit_send_buffer(ws)
     outbox = svc.hub.new_outbox()
+    outbox.own(ws)
     svc.hub.watch_job(job_id, outbox)  # subscribe first, then snapshot: nothing falls between
     try:
         view = svc.view(job_id)
@@ -125,6 +126,7 @@ def job_stream(ws: Any, job_id: str) -> None:
 def jobs_stream(ws: Any) -> None:
     svc = _service()
     outbox = svc.hub.new_outbox()
+    outbox.own(ws)
     svc.hub.watch(Keys.EVENTS, outbox)
     try:
         ids, _ = svc.store.list_ids(0, 50)
