@@ -39,10 +39,11 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def artifacts() -> Path:
+def artifacts(request) -> Path:
     path = Path(os.environ.get("FRAMEPACK_ARTIFACTS", ROOT / "artifacts")) / "browser"
     path.mkdir(parents=True, exist_ok=True)
-    print(f"\nbrowser screenshots: {path}")
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nbrowser screenshots: {path}")  # shown in the test log even when capturing
     return path
 
 
