@@ -80,7 +80,6 @@ class Outbox:
         self._cond = threading.Condition()
         self.limit = limit
         self.overflowed = False
-        self.dropped_previews = 0
         self.write_lock = threading.Lock()  # every write to the socket holds it: frames never interleave
         self._raw: socket.socket | None = None  # the connection, once owned
         self._sock: socket.socket | None = None  # set while the producer may write directly
@@ -138,7 +137,6 @@ class Outbox:
             for i, old in enumerate(self._items):
                 if old.lite is not None:
                     self._items[i] = Item(old.kind, old.seq, old.lite, None, old.data)
-                    self.dropped_previews += 1
                     self.stats["dropped_previews"] = self.stats.get("dropped_previews", 0) + 1
         self._items.append(item)
         if len(self._items) > self.limit and not self.overflowed:
