@@ -53,21 +53,31 @@ class LatentToRGB:
         self.channels = channels
         self.weight = weight
         self.bias = bias
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """``(C, T, H, W)`` or ``(1, C, T, H, W)`` latents -> ``(3, T, H, W)`` RGB in [0, 1]."""
+        """``(C, T, H, W)`` or ``(1, C, T, H, W)`` latents -> ``(3, T, H, W)`` RGB in [0, 1].
+
+        The map runs where the latents are: on a GPU only the 3-channel result crosses to
+        the CPU (in :func:`rgb_strip`, as bytes), not 16 float channels.
+        """
         if latents.dim() == 5:
             latents = latents[0]
         c, t, h, w = latents.shape
-        flat = latents.detach().to(device="cpu", dtype=torch.float32).reshape(c, -1)
-        rgb = torch.addmm(self.bias[:, None], self.weight, flat)
+        device = latents.device
+        if device not in self._on_device:
+            self._on_device[device] = (self.weight.to(device), self.bias.to(device))
+        weight, bias = self._on_device[device]
+        flat = latents.detach().to(dtype=torch.float32).reshape(c, -1)
+        rgb = torch.addmm(bias[:, None], weight, flat)
         return rgb.clamp_(0, 1).reshape(3, t, h, w)
 
 
 def rgb_strip(rgb: torch.Tensor) -> np.ndarray:
     """``(3, T, H, W)`` in [0, 1] -> ``(H, T*W, 3)`` uint8: the frames side by side."""
     _, t, h, w = rgb.shape
-    return (rgb.mul(255).add_(0.5)).to(torch.uint8).permute(2, 1, 3, 0).reshape(h, t * w, 3).numpy()
+    pixels = rgb.mul(255).add_(0.5).to(torch.uint8).permute(2, 1, 3, 0).reshape(h, t * w, 3)
+    return pixels.cpu().numpy()
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:

@@ -148,21 +148,26 @@ def _quiet_loading() -> None:
 
 @dataclass
 class Placement:
-    """Device and dtypes for this machine, and whether to offload."""
+    """Device and dtypes for this machine, and whether to offload.
+
+    ``group_offload``: ``None`` decides per job (stream the transformer's blocks when it
+    does not fit in free memory minus the job's ``gpu_memory_preservation``); ``True`` or
+    ``False`` forces it (tests, and operators who know their card).
+    """
 
     device: str
     dtype: Any  # transformer dtype
     component_dtype: Any  # text encoders, VAE, image encoder
     low_vram: bool = False
     free_gb: float | None = None
+    group_offload: bool | None = None
 
     @classmethod
     def detect(cls) -> Placement:
         import torch
 
         if torch.cuda.is_available():
-            free, _total = torch.cuda.mem_get_info()
-            free_gb = free / 2**30
+            free_gb = cls.free_gb_now()
             bf16 = torch.cuda.is_bf16_supported()
             return cls(
                 device="cuda",
@@ -172,6 +177,61 @@ class Placement:
                 free_gb=free_gb,
             )
         return cls(device="cpu", dtype=torch.float32, component_dtype=torch.float32)
+
+    @staticmethod
+    def free_gb_now() -> float:
+        """Free GPU memory in GiB as the driver reports it (other processes included)."""
+        import torch
+
+        return torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else float("inf")
+
+
+#: GPU memory a 640-bucket job needs beside a resident transformer (sampling and the tiled
+#: VAE decode peaked 2.6 GB above it on an H200: docs/benchmarks.md, "GPU").
+ACTIVATION_MARGIN_GB = 3.0
+
+
+def transformer_fits(model_gb: float, budget_gb: float) -> bool:
+    """FramePack's rule: the transformer may use the free memory minus what the job asks to
+    keep free (``budget_gb``); if it does not fit with room to sample, its blocks stream
+    from CPU memory instead."""
+    return model_gb + ACTIVATION_MARGIN_GB <= budget_gb
+
+
+#: The small components (well under 1 GB each), moved to the GPU only while they run in
+#: low-VRAM mode, in the order the pipeline runs them.
+OFFLOADED_COMPONENTS = ("text_encoder_2", "image_encoder", "vae")
+
+
+def _size_gb(module: Any) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
+
+
+def _streamed(module: Any) -> bool:
+    return bool(getattr(module, "_framepack_group_offload", False))
+
+
+def _stream(module: Any, device: Any) -> None:
+    """diffusers' block-level group offloading: one block at a time on the GPU, the next one
+    copied from pinned CPU memory on a side stream while this one computes.  Pinning is
+    paid once (about 33 s for the 24 GB transformer on an H200 host) and the module stays
+    streamed for the life of the worker (diffusers has no public way to undo it)."""
+    import torch
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(module, recurse=True)
+    module.to("cpu")
+    if hasattr(module, "enable_group_offload"):
+        module.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                    offload_type="block_level", num_blocks_per_group=1,
+                                    use_stream=device.type == "cuda")  # fmt: skip
+    else:  # transformers' models (the Llama text encoder)
+        from diffusers.hooks import apply_group_offloading
+
+        apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1,
+                               use_stream=device.type == "cuda")  # fmt: skip
+    module._framepack_group_offload = True
 
 
 @dataclass
@@ -277,23 +337,56 @@ class Models:
         return pipe
 
     def _apply_low_vram(self, pipe: Any, transformer: Any, preserve_gb: float) -> None:
-        """diffusers' own offloading: stream the transformer's blocks when it does not fit
-        in (free - preserve_gb), move the other models to the GPU only while they run, and
-        decode the VAE in tiles."""
-        import torch
+        """Low-VRAM mode: keep ``preserve_gb`` of the free GPU memory free, FramePack's way,
+        with diffusers' and accelerate's tools.
 
-        free_gb = torch.cuda.mem_get_info()[0] / 2**30
-        t_gb = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**30
-        if t_gb > free_gb - preserve_gb and not getattr(transformer, "_framepack_group_offload", False):
-            transformer.enable_group_offload(
-                onload_device=torch.device("cuda"),
-                offload_device=torch.device("cpu"),
-                offload_type="block_level",
-                num_blocks_per_group=1,
-                use_stream=True,
-            )
-            transformer._framepack_group_offload = True
-            pipe._exclude_from_cpu_offload.append("transformer")
-        pipe.enable_model_cpu_offload()
+        - The text encoder (Llama, 14 GB) always streams its layers (:func:`_stream`): it runs
+          once per job, and moving it whole cost 14-16 s per job (unpinned copies at ~1 GB/s)
+          and broke the preservation of small budgets (measured: docs/benchmarks.md).
+        - The transformer stays on the GPU for the job, and for later jobs, when it fits in
+          the free memory minus ``preserve_gb``; otherwise it streams.  Moving it whole in
+          and out around every section's VAE decode cost ~20 s per section (measured).
+        - The small models move to the GPU only while they run (accelerate's hooks, the
+          ones ``enable_model_cpu_offload`` installs; that method refuses pipelines with a
+          group-offloaded component, so the chain is built here).
+        - The VAE decodes in tiles and slices.
+
+        ``Placement.group_offload`` forces streaming of both large models on, or off (then
+        the text encoder moves whole while it runs and the transformer stays resident).
+        """
+        import torch
+        from accelerate import cpu_offload_with_hook
+        from accelerate.hooks import remove_hook_from_module
+
+        device = torch.device(self.placement.device)
+        force = self.placement.group_offload
+        chain = list(OFFLOADED_COMPONENTS)
+        if not _streamed(pipe.text_encoder):
+            if force is False:
+                chain.insert(0, "text_encoder")  # moved whole while it runs
+            else:
+                _stream(pipe.text_encoder, device)
+        for name in chain:  # hooks of the previous job's pipeline go; everything back to the CPU
+            remove_hook_from_module(getattr(pipe, name), recurse=True)
+            getattr(pipe, name).to("cpu")
+
+        if not _streamed(transformer):
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            t_gb = _size_gb(transformer)
+            on_device = next(transformer.parameters()).device.type == device.type
+            budget = self.placement.free_gb_now() + (t_gb if on_device else 0.0) - preserve_gb
+            stream = force if force is not None else not transformer_fits(t_gb, budget)
+            if stream:
+                _stream(transformer, device)
+                log.info("transformer (%.1f GB) streams its blocks: %.1f GB may be used (free minus %.0f GB)",
+                         t_gb, budget, preserve_gb)  # fmt: skip
+            else:
+                remove_hook_from_module(transformer, recurse=True)
+                transformer.to(device)
+        hook = None
+        for name in chain:
+            _, hook = cpu_offload_with_hook(getattr(pipe, name), device, prev_module_hook=hook)
         pipe.vae.enable_tiling()
         pipe.vae.enable_slicing()

@@ -64,7 +64,7 @@ def default_cache_dir() -> Path:
     return Path(root) / f"tiny-v{TINY_VERSION}"
 
 
-def _llama_tokenizer():
+def llama_tokenizer():
     from transformers import LlamaTokenizer
 
     specials = ["<unk>", "<s>", "</s>", *LLAMA_SPECIALS]
@@ -77,7 +77,7 @@ def _llama_tokenizer():
     return tok
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     # GPT-2's byte-to-unicode table: every byte gets a printable character.
@@ -125,7 +125,7 @@ def build_tiny(target: Path, seed: int = 0) -> Path:
     base = target / "base"
     enc = target / "image_encoder"
 
-    llama_tok = _llama_tokenizer()
+    llama_tok = llama_tokenizer()
     torch.manual_seed(seed)
     LlamaModel(
         LlamaConfig(
@@ -141,7 +141,7 @@ def build_tiny(target: Path, seed: int = 0) -> Path:
     ).save_pretrained(base / "text_encoder")
     llama_tok.save_pretrained(base / "tokenizer")
 
-    clip_tok = _clip_tokenizer()
+    clip_tok = clip_tokenizer()
     torch.manual_seed(seed + 1)
     CLIPTextModel(
         CLIPTextConfig(

@@ -50,7 +50,7 @@ def test_leak_smoke() -> None:
     assert "python -m bench.bench_leak" in bench_leak.markdown(result)
 
 
-def test_gpu_skips_without_cuda_and_tiny_cpu_runs() -> None:
+def test_gpu_skips_without_cuda_and_tiny_cpu_runs_every_phase() -> None:
     import torch
 
     from bench import bench_gpu
@@ -61,7 +61,12 @@ def test_gpu_skips_without_cuda_and_tiny_cpu_runs() -> None:
         assert "Skipped" in bench_gpu.markdown(skipped)
 
     result = bench_gpu.run(smoke=True, tiny_cpu=True)
-    assert "skipped" not in result
-    assert result["seconds_per_frame"] > 0 and result["frames_per_section"] == 36
-    assert result["steps_timed"] == len(result["step_s"]) > 0
-    assert "python -m bench.bench_gpu" in bench_gpu.markdown(result)
+    assert "skipped" not in result and result["errors"] == [] and result["skipped_phases"] == []
+    placements = [r["transformer_placement"] for r in result["runs"]]
+    assert placements == ["resident", "resident", "resident", "streamed (group offload)"]
+    assert [r["text_encoder_streamed"] for r in result["runs"]] == [False, False, True, True]
+    for r in result["runs"]:
+        assert r["status"] == "succeeded" and r["seconds_per_frame"] > 0 and r["frames"] == 37
+        assert len(r["vae_decode_s"]) == r["sections"] == 1 and r["previews"] == r["steps"] == 2
+    assert result["load"]["load_s"] > 0 and result["preview"]["on_device_ms"] > 0
+    assert "python -m bench.bench_gpu --tiny-cpu" in bench_gpu.markdown(result)
