@@ -1,4 +1,9 @@
-"""Celery configuration, read from the environment (a plain Celery config module).
+"""Celery configuration: a plain Celery config module, derived from :mod:`tasks.settings`.
+
+Celery exports every public module-level name of this module as a setting (``celery
+inspect conf``, Flower's worker page) and masks only names that look secret.  So every
+helper here starts with ``_``, and the only public names are Celery's own settings; the
+broker and backend URLs are ones Celery masks itself.
 
 ``REDIS_URL`` is broker and result backend; ``CELERY_BROKER_URL`` and
 ``CELERY_RESULT_BACKEND`` override each.  A RabbitMQ broker with a Redis backend works:
@@ -7,17 +12,14 @@ RabbitMQ cancels a consumer that holds an unacknowledged message longer than its
 ``gpu`` queue is therefore declared with ``x-consumer-timeout`` above the longest job.
 """
 
-import os
+from kombu import Queue as _Queue
 
-from kombu import Queue
+from tasks.settings import current as _current
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-#: The longest a job may run (seconds); the time limit, visibility timeout and RabbitMQ
-#: consumer timeout are all derived from it.
-MAX_JOB_SECONDS = int(os.environ.get("FRAMEPACK_MAX_JOB_SECONDS", 4 * 3600))
+_s = _current()
 
-broker_url = os.environ.get("CELERY_BROKER_URL") or REDIS_URL
-result_backend = os.environ.get("CELERY_RESULT_BACKEND") or REDIS_URL
+broker_url = _s.broker_url
+result_backend = _s.result_backend
 
 task_serializer = "json"
 result_serializer = "json"
@@ -25,8 +27,14 @@ accept_content = ["json"]
 timezone = "UTC"
 
 task_routes = {"tasks.generate_video": {"queue": "gpu"}}
-_queue_args = {"x-consumer-timeout": (MAX_JOB_SECONDS + 3600) * 1000} if broker_url.startswith("amqp") else None
-task_queues = [Queue("gpu", queue_arguments=_queue_args)]
+task_queues = [
+    _Queue(
+        "gpu",
+        queue_arguments={"x-consumer-timeout": (_s.max_job_seconds + 3600) * 1000}
+        if broker_url.startswith("amqp")
+        else None,
+    )
+]
 task_default_queue = "gpu"
 
 # One job at a time per worker; a job whose worker dies goes back to the queue.
@@ -34,20 +42,32 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_concurrency = 1
-broker_transport_options = {"visibility_timeout": MAX_JOB_SECONDS + 3600}
+broker_transport_options = {"visibility_timeout": _s.max_job_seconds + 3600}
 broker_connection_retry_on_startup = True
+broker_connection_max_retries = None  # a broker restart costs a reconnect, never the worker
+
+# Celery's own result writes retry briefly: progress written during a Redis outage is
+# skipped by the task (tasks/worker.py) instead of stalling sampling; finals are written
+# by the lifecycle, which retries for FRAMEPACK_FINAL_RETRY_SECONDS.
+result_backend_transport_options = {
+    "retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+}
+redis_socket_connect_timeout = 2
+redis_backend_health_check_interval = 10
 
 # A pool child loads its model in the background (tasks/worker.py), so it reports "up"
 # quickly; the margin covers a slow fork on a loaded machine.
 worker_proc_alive_timeout = 60
 
-task_time_limit = MAX_JOB_SECONDS
-task_soft_time_limit = MAX_JOB_SECONDS - 60
-task_track_started = True
+task_time_limit = _s.max_job_seconds
+task_soft_time_limit = _s.max_job_seconds - 60
+# The job's first update (state running) is written by the lifecycle, not by Celery's
+# STARTED, which would overwrite the final of a job cancelled while queued.
+task_track_started = False
 
-# Flower sees jobs live (task-progress events are sent by the task itself).
+# Flower sees jobs live: the task announces progress and its end itself (tasks/lifecycle.py).
 worker_send_task_events = True
 task_send_sent_event = True
 
 result_extended = False
-result_expires = int(os.environ.get("FRAMEPACK_RESULT_EXPIRES", 7 * 24 * 3600))
+result_expires = _s.result_ttl

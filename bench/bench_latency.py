@@ -131,12 +131,14 @@ def _publish(stack: BenchStack, job_id: str, updates: int, rate: float) -> list[
     from diffusers_helper import events as ev
     from diffusers_helper.preview import LatentToRGB, make_preview
     from tasks.app import make_celery
-    from tasks.jobs import JobStore
+    from tasks.lifecycle import Lifecycle
+    from tasks.settings import Settings
     from tasks.worker import Reporter
 
     app = make_celery()
     app.conf.update(result_backend=stack.redis_url, broker_url=stack.redis_url)
-    reporter = Reporter(_Task(app, job_id), job_id, JobStore(stack.redis(), 3600), time.time())
+    lifecycle = Lifecycle(stack.redis(), Settings(redis_url=stack.redis_url))
+    reporter = Reporter(_Task(app, job_id), job_id, lifecycle, time.time())
     mapper = LatentToRGB(16)
     latents = [torch.randn(1, 16, 9, 80, 76) for _ in range(4)]
     cost = []
@@ -145,8 +147,7 @@ def _publish(stack: BenchStack, job_id: str, updates: int, rate: float) -> list[
         t0 = time.perf_counter()
         reporter.on_event(ev.PreviewReady(make_preview(latents[i % 4], mapper), section=1, step=i + 1))
         if i == updates - 1:
-            reporter.fields["progress"] = 1.0
-            reporter.send("final", _succeeded(), {"result": {"frames": 37}})
+            lifecycle.finish(job_id, _succeeded(), result={"frames": 37}, fields=reporter.final_fields())
         else:
             reporter.on_event(ev.Progress((i + 1) / steps, 1, 1, i + 1, steps, 1.0, 1.0))
         cost.append((time.perf_counter() - t0) * 1000)

@@ -68,10 +68,13 @@ class Keys:
     PREFIX = "fp"
     JOBS = "fp:jobs"  # ZSET job_id -> created (epoch); listing, newest first
     QUEUED = "fp:queued"  # ZSET job_id -> submit number; FIFO positions
+    RUNNING = "fp:running"  # ZSET job_id -> started (epoch); /queue's "processing", stall sweep
     SUBMITTED = "fp:submitted"  # counter giving submit numbers
     WORKERS = "fp:workers"  # ZSET worker name -> last heartbeat (epoch)
     EVENTS = "fp:events"  # pub/sub: state changes of all jobs (for /ws/jobs)
     HUB = "fp:hub"  # pub/sub: never published; keeps a web process's reader subscribed
+    SWEEPER = "fp:sweeper"  # STRING (short TTL): which process runs the background sweep
+    MISSING = "fp:missing"  # HASH job_id -> first sweep that found its message gone from the broker
 
     @staticmethod
     def job(job_id: str) -> str:  # HASH: the job record (see JOB_FIELDS)
@@ -117,7 +120,8 @@ JOB_FIELDS = (
     "finished_at",
     "attempts",  # deliveries to a worker (redelivery after a lost worker counts)
     "worker",
-    "error",
+    "error",  # why a job failed (failed jobs only)
+    "reason",  # why a job ended other than by succeeding: the error, or who cancelled it
     "result",  # JSON: final summary (video, frames, seconds, seed, sections)
     "seq",  # the last update's seq (survives Celery's STARTED overwrite on redelivery)
 )
@@ -158,6 +162,103 @@ def exception_fields(exc_type: str, message: str) -> dict[str, Any]:
     ``AsyncResult`` still work when our own fields ride along)."""
     module = "celery.exceptions" if exc_type == "TaskRevokedError" else "builtins"
     return {"exc_type": exc_type, "exc_module": module, "exc_message": [message]}
+
+
+def celery_document(job_id: str, state: JobState, meta: dict[str, Any]) -> str:
+    """What Celery's Redis result backend stores under ``celery-task-meta-<id>`` (and
+    publishes on the same channel), for a meta of ours.  Terminal metas carry the keys
+    Celery needs to rebuild an exception (``AsyncResult``, Flower)."""
+    result = dict(meta)
+    if state is JobState.CANCELLED:
+        result.update(exception_fields("TaskRevokedError", meta.get("reason") or "cancelled"))
+    elif state is JobState.FAILED:
+        result.update(exception_fields("RuntimeError", meta.get("error") or "failed"))
+    doc = {"status": STATE_TO_CELERY[state], "result": result, "traceback": None, "children": [],
+           "date_done": _iso(meta.get("finished_at")) if state in TERMINAL else None, "task_id": job_id}  # fmt: skip
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+# -- why a job ended (the reason field) -------------------------------------------------
+class Reason:
+    """The readable reasons a job ends other than by succeeding (``reason`` field)."""
+
+    CANCELLED = "cancelled by user"
+    REVOKED = "revoked by operator (celery control revoke)"
+    TERMINATED = "terminated by operator (celery control terminate, signal {signum})"
+    EXPIRED = "expired before it started"
+    PURGED = "purged from the broker (celery purge)"
+    STALLED = "worker lost (no heartbeat for {seconds:.0f} s)"
+    REDELIVERED = "worker lost (delivered {attempts} times)"
+
+
+# -- what Flower sees ---------------------------------------------------------------------
+def progress_text(meta: dict[str, Any]) -> str:
+    """One line a person reads in Flower's Result column while a job runs."""
+    parts = [f"{100 * float(meta.get('progress') or 0):.0f}%"]
+    if meta.get("section") and meta.get("sections"):
+        parts.append(f"section {meta['section']}/{meta['sections']}")
+    if meta.get("step") and meta.get("steps"):
+        parts.append(f"step {meta['step']}/{meta['steps']}")
+    elif meta.get("stage"):
+        parts.append(str(meta["stage"]))
+    if meta.get("eta") is not None:
+        parts.append(f"eta {float(meta['eta']):.0f} s")
+    return " · ".join(parts)
+
+
+def flower_event(state: JobState, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The Celery task event that shows ``meta`` in Flower (``celery.events.state``).
+
+    Progress is re-announced as ``task-started`` (the real start time as timestamp, the
+    progress line as ``result``): Flower shows ``result``, and STARTED ranks below every end
+    state, so a later ``task-revoked`` still shows REVOKED.  (A custom ``task-progress``
+    state would outrank REVOKED and hide every cancel.)  Every end event carries a ``result``
+    too, replacing the last progress line in Flower's Result column."""
+    if state is JobState.RUNNING:
+        return "task-started", {"timestamp": meta.get("started_at") or time.time(), "result": progress_text(meta)}
+    if state is JobState.FAILED:
+        error = meta.get("error") or "failed"
+        return "task-failed", {"exception": f"RuntimeError({error!r})", "traceback": "", "result": f"failed: {error}"}
+    if state is JobState.CANCELLED:
+        reason = meta.get("reason") or "cancelled"
+        return "task-revoked", {"terminated": False, "signum": None, "expired": False, "result": reason}
+    return "task-succeeded", {"result": result_text(meta), "runtime": _runtime(meta)}
+
+
+def result_text(meta: dict[str, Any]) -> str:
+    """The short summary a succeeded job shows in Flower (not the whole meta with its preview)."""
+    r = meta.get("result") or {}
+    return f"{r.get('frames')} frames, {r.get('seconds')} s, {r.get('width')}x{r.get('height')}, seed {r.get('seed')}"
+
+
+def _runtime(meta: dict[str, Any]) -> float | None:
+    start, end = meta.get("started_at"), meta.get("finished_at")
+    return round(end - start, 3) if start and end else None
+
+
+# -- the all-jobs feed (fp:events) ------------------------------------------------------
+FEED_EVENTS = ("submitted", "started", "progress", "finished", "deleted")
+
+
+def feed_event(event: str, job_id: str, state: JobState | None, *, seq: int = 0, left_position: int | None = None,
+               summary: dict[str, Any] | None = None, **fields: Any) -> str:  # fmt: skip
+    """One ``/ws/jobs`` message: what happened to which job, its ``summary`` row (same shape
+    as ``GET /api/jobs`` rows) when the publisher has it, and ``left_position``, the queue
+    position a job held when it left the queue (every queued job behind it moves up one)."""
+    assert event in FEED_EVENTS
+    body = {"type": "job", "event": event, "job_id": job_id, "state": state and state.value, "seq": seq,
+            "left_position": left_position, **fields}  # fmt: skip
+    if summary is not None:
+        body["job"] = summary
+    return json.dumps(body, separators=(",", ":"))
 
 
 def parse_celery_payload(raw: bytes | str) -> tuple[JobState, dict[str, Any]]:

@@ -1,36 +1,148 @@
-"""Settings shared by the worker and the web tier, from the environment (one place)."""
+"""Every setting of the service, read from the environment once, in one frozen object.
+
+The web tier, the worker, ``celeryconfig`` and the benchmarks all take a :class:`Settings`
+(``current()`` builds it from ``os.environ`` on first use); tests build their own with
+:meth:`Settings.from_env` or ``dataclasses.replace``.  Torch- and Flask-free.
+
+Redis clients are made here too (:func:`connect`): they retry through a Redis/Valkey
+restart with exponential back-off (redis-py's ``Retry``), for ``redis_retry_seconds``.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-import celeryconfig
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
-
-def store_url() -> str:
-    """Redis holding job records: the result backend when it is Redis, else ``REDIS_URL``."""
-    backend = celeryconfig.result_backend or ""
-    return backend if backend.startswith(("redis://", "rediss://", "unix://")) else celeryconfig.REDIS_URL
-
-
-def results_dir() -> Path:
-    return Path(os.environ.get("RESULTS_DIR", "var/results")).resolve()
+#: The model profile when none is named: tiny random weights (its videos are noise).
+DEFAULT_PROFILE = "tiny"
 
 
-def profile_spec() -> str:
-    return os.environ.get("FRAMEPACK_PROFILE", "tiny")
+def _num(env: Mapping[str, str], name: str, default: float, kind: type = float) -> Any:
+    raw = env.get(name, "")
+    try:
+        return kind(raw) if raw.strip() else kind(default)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
-#: Seconds between PROGRESS writes; the last step of a section, sections, stages and the
-#: end always go through.  10 Hz is plenty for eyes and keeps a fast model off Redis' back.
-PROGRESS_INTERVAL = float(os.environ.get("FRAMEPACK_PROGRESS_INTERVAL", "0.1"))
-#: A job whose worker died is delivered again at most this many times, then fails.
-MAX_REDELIVERIES = int(os.environ.get("FRAMEPACK_MAX_REDELIVERIES", "1"))
-#: Worker heartbeat period, and how long a heartbeat counts as alive (then: "stalled").
-HEARTBEAT_SECONDS = float(os.environ.get("FRAMEPACK_HEARTBEAT_SECONDS", "5"))
-HEARTBEAT_TTL = int(os.environ.get("FRAMEPACK_HEARTBEAT_TTL", "20"))
-#: A running job with no heartbeat for this long is failed as "worker lost".
-STALL_FAIL_SECONDS = float(os.environ.get("FRAMEPACK_STALL_FAIL_SECONDS", "600"))
-#: Finished jobs and their files live this long (Celery's result_expires).
-RESULT_TTL = int(celeryconfig.result_expires)
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for logs, ``/api/info`` and Celery's
+    exported config)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Redis: broker and result backend unless the two below say otherwise; job records.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = ""
+    result_backend: str = ""
+    results_dir: Path = Path("var/results")
+    profile: str = DEFAULT_PROFILE
+    #: The longest a job may run; time limits, visibility and consumer timeouts derive from it.
+    max_job_seconds: int = 4 * 3600
+    #: Finished jobs, their records and files live this long (Celery's result_expires).
+    result_ttl: int = 7 * 24 * 3600
+    #: Seconds between PROGRESS writes (stages, sections, the last step of a section and
+    #: the end always go through).  10 Hz is plenty for eyes.
+    progress_interval: float = 0.1
+    #: A job whose worker died is delivered again at most this many times, then fails.
+    max_redeliveries: int = 1
+    #: Worker heartbeat period, and how long a heartbeat counts as alive (then: "stalled").
+    heartbeat_seconds: float = 5.0
+    heartbeat_ttl: int = 20
+    #: A running job with no heartbeat for this long is failed as "worker lost".
+    stall_fail_seconds: float = 600.0
+    #: The background sweep (stalled jobs, revoked and purged messages, expiry) runs this often.
+    sweep_seconds: float = 5.0
+    #: How long a Redis call waits through an outage (back-off retries) before failing.
+    redis_retry_seconds: float = 15.0
+    #: How long a worker keeps retrying a job's final through an outage.
+    final_retry_seconds: float = 600.0
+    torch_threads: int = 0
+    max_upload_bytes: int = 32 * 2**20
+    ws_send_buffer: int = 256 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        d = cls()
+        redis_url = env.get("REDIS_URL") or d.redis_url
+        return cls(
+            redis_url=redis_url,
+            broker_url=env.get("CELERY_BROKER_URL") or redis_url,
+            result_backend=env.get("CELERY_RESULT_BACKEND") or redis_url,
+            results_dir=Path(env.get("RESULTS_DIR") or d.results_dir).resolve(),
+            profile=env.get("FRAMEPACK_PROFILE") or d.profile,
+            max_job_seconds=_num(env, "FRAMEPACK_MAX_JOB_SECONDS", d.max_job_seconds, int),
+            result_ttl=_num(env, "FRAMEPACK_RESULT_EXPIRES", d.result_ttl, int),
+            progress_interval=_num(env, "FRAMEPACK_PROGRESS_INTERVAL", d.progress_interval),
+            max_redeliveries=_num(env, "FRAMEPACK_MAX_REDELIVERIES", d.max_redeliveries, int),
+            heartbeat_seconds=_num(env, "FRAMEPACK_HEARTBEAT_SECONDS", d.heartbeat_seconds),
+            heartbeat_ttl=_num(env, "FRAMEPACK_HEARTBEAT_TTL", d.heartbeat_ttl, int),
+            stall_fail_seconds=_num(env, "FRAMEPACK_STALL_FAIL_SECONDS", d.stall_fail_seconds),
+            sweep_seconds=_num(env, "FRAMEPACK_SWEEP_SECONDS", d.sweep_seconds),
+            redis_retry_seconds=_num(env, "FRAMEPACK_REDIS_RETRY_SECONDS", d.redis_retry_seconds),
+            final_retry_seconds=_num(env, "FRAMEPACK_FINAL_RETRY_SECONDS", d.final_retry_seconds),
+            torch_threads=_num(env, "FRAMEPACK_TORCH_THREADS", d.torch_threads, int),
+            max_upload_bytes=_num(env, "FRAMEPACK_MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
+            ws_send_buffer=_num(env, "FRAMEPACK_WS_SEND_BUFFER", d.ws_send_buffer, int),
+        )
+
+    @property
+    def store_url(self) -> str:
+        """Redis holding job records: the result backend when it is Redis, else ``redis_url``."""
+        backend = self.result_backend
+        return backend if backend.startswith(("redis://", "rediss://", "unix://")) else self.redis_url
+
+    def public(self) -> dict[str, Any]:
+        """The settings as ``/api/info`` shows them: URLs without passwords."""
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        for key in ("redis_url", "broker_url", "result_backend"):
+            out[key] = mask_url(out[key])
+        return out
+
+
+@functools.cache
+def current() -> Settings:
+    """The process's settings, from its environment (read once)."""
+    return Settings.from_env()
+
+
+def retry_policy(seconds: float) -> Retry:
+    """Back-off 50 ms, 100 ms ... capped at 1 s, for about ``seconds`` in all."""
+    attempts = 0
+    total = 0.0
+    while total < seconds:
+        total += min(1.0, 0.05 * 2**attempts)
+        attempts += 1
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), attempts)
+
+
+def connect(url: str, retry_seconds: float, **kwargs: Any) -> redis.Redis:
+    """A redis-py client that waits through a Redis restart for ``retry_seconds``
+    (connection refused or reset, timeouts) instead of failing at once.  ``retry_seconds``
+    0 fails fast (for calls that must never block a sampling step)."""
+    kwargs.setdefault("socket_connect_timeout", 2.0)
+    kwargs.setdefault("health_check_interval", 10)
+    if retry_seconds > 0:
+        kwargs["retry"] = retry_policy(retry_seconds)
+        kwargs["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
+    else:
+        kwargs["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 0)
+        kwargs.setdefault("socket_timeout", 1.0)
+    return redis.Redis.from_url(url, **kwargs)

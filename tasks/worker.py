@@ -1,9 +1,15 @@
-"""The ``tasks.generate_video`` task and the worker's life (models, heartbeat).
+"""The ``tasks.generate_video`` task and the worker process's life (models, heartbeat).
 
-The worker process loads its profile once (after the fork: CUDA cannot cross a fork),
-announces in Redis which profile and variants it serves, and keeps a heartbeat for itself
-and for the job it runs.  The task turns generation events into ``update_state`` calls
-following :mod:`tasks.protocol`.
+A pool child loads its profile once, after the fork (CUDA cannot cross a fork), announces
+in Redis which profile and device it serves, and keeps a heartbeat for itself and for the
+job it runs.  The task asks :class:`tasks.lifecycle.Lifecycle` whether the job runs, turns
+generation events into ``update_state`` calls (:class:`Reporter`, following
+:mod:`tasks.protocol`) and ends the job through the lifecycle.  Celery stores nothing of
+this task itself (``ignore_result``): every result document is the lifecycle's.
+
+Redis outages: progress written while Redis is down is skipped (the next update carries
+every field again), the cancel check treats an unreachable Redis as "not cancelled", and
+the job's end is retried until Redis answers (``FRAMEPACK_FINAL_RETRY_SECONDS``).
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import io
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from typing import Any
@@ -21,10 +26,10 @@ from typing import Any
 import redis
 from celery import Task, shared_task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init, worker_ready
+from celery.signals import task_revoked, worker_init, worker_process_init, worker_ready
 
-from . import settings
-from .jobs import JobStore
+from . import settings as settings_module
+from .lifecycle import Lifecycle, holder_is_dead, worker_name
 from .protocol import (
     INPUT_FILE,
     QUEUE,
@@ -33,97 +38,146 @@ from .protocol import (
     TERMINAL,
     JobState,
     Keys,
-    exception_fields,
+    Reason,
+    feed_event,
+    flower_event,
     make_meta,
     preview_field,
+    result_text,
 )
 
 log = logging.getLogger("framepack.worker")
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {"models": None, "current_job": None, "heartbeat": None}
+
+class WorkerState:
+    """What one worker process holds: its models, the job it runs, its Redis clients.
+
+    Created once per process; :meth:`after_fork` drops what must not cross a fork."""
+
+    def __init__(self) -> None:
+        self.settings = settings_module.current()
+        self.lock = threading.Lock()  # held while the models load
+        self.models: Any = None
+        self.load_error: str | None = None
+        self.current_job: str | None = None
+        self.pool = "prefork"
+        self._heartbeat: threading.Thread | None = None
+        self._clients: dict[str, redis.Redis] = {}
+        self._pid = os.getpid()
+
+    def after_fork(self) -> None:
+        self._clients = {}
+        self._heartbeat = None
+        self._pid = os.getpid()
+
+    def _client(self, name: str, retry_seconds: float) -> redis.Redis:
+        if self._pid != os.getpid():  # a fork we were not told of: never share a connection
+            self.after_fork()
+        if name not in self._clients:
+            self._clients[name] = settings_module.connect(self.settings.store_url, retry_seconds)
+        return self._clients[name]
+
+    @property
+    def redis(self) -> redis.Redis:
+        """Waits through a Redis restart (``redis_retry_seconds``)."""
+        return self._client("store", self.settings.redis_retry_seconds)
+
+    @property
+    def quick(self) -> redis.Redis:
+        """Fails at once: for calls made on the sampling path (the cancel check)."""
+        return self._client("quick", 0)
+
+    def lifecycle(self, task: Task | None = None) -> Lifecycle:
+        def announce(job_id: str, event: str, fields: dict[str, Any]) -> None:
+            if task is not None:
+                task.send_event(event, **fields)
+
+        return Lifecycle(self.redis, self.settings, announce if task is not None else None)
+
+    def record(self) -> dict[str, Any]:
+        models = self.models
+        return {
+            "name": worker_name(),
+            "pid": os.getpid(),
+            "queues": [QUEUE],
+            "ready": models is not None,
+            "profile": models.profile.public_dict() if models else None,
+            "device": models.placement.device if models else None,
+            "loaded_variants": models.loaded_variants if models else [],
+            "job": self.current_job,
+            "error": self.load_error,
+            "heartbeat": time.time(),
+        }
 
 
-def worker_name() -> str:
-    """host:pid of the process that runs jobs (the pool child under prefork)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _redis() -> redis.Redis:
-    if "redis" not in _state:
-        _state["redis"] = redis.Redis.from_url(settings.store_url())
-    return _state["redis"]
-
-
-def store() -> JobStore:
-    return JobStore(_redis(), settings.RESULT_TTL)
+STATE = WorkerState()
 
 
 # -- worker life ------------------------------------------------------------------------
 def load_models() -> Any:
-    """Load the profile once per process; later calls return the same models."""
-    with _lock:
-        if _state["models"] is not None:
-            return _state["models"]
+    """Load the profile once per process; later calls return the same models.
+
+    Every import of the generation code happens here, under the lock: a task that arrives
+    while the background load runs waits for it instead of importing diffusers at the same
+    time (diffusers' lazy modules are not safe to import from two threads at once)."""
+    with STATE.lock:
+        if STATE.models is not None:
+            return STATE.models
         import torch
 
+        import diffusers_helper.generate  # noqa: F401  (the task's imports, done once, here)
         from diffusers_helper.params import Variant
         from diffusers_helper.profiles import Models, resolve_profile
 
-        threads = int(os.environ.get("FRAMEPACK_TORCH_THREADS", "0") or 0)
-        if threads:
-            torch.set_num_threads(threads)
-        profile = resolve_profile(settings.profile_spec())
+        if STATE.settings.torch_threads:
+            torch.set_num_threads(STATE.settings.torch_threads)
+        profile = resolve_profile(STATE.settings.profile)
         log.warning("framepack worker: profile %s — %s", profile.name, profile.description)
         models = Models(profile)
         models.load_shared()
         models.transformer(Variant.FRAMEPACK)
-        _state["models"] = models
+        STATE.models = models
+        STATE.load_error = None
     _start_heartbeat()
     return models
 
 
-def _worker_record() -> dict[str, Any]:
-    models = _state["models"]
-    return {
-        "name": worker_name(),
-        "queues": [QUEUE],
-        "ready": models is not None,
-        "profile": models.profile.public_dict() if models else None,
-        "device": models.placement.device if models else None,
-        "loaded_variants": models.loaded_variants if models else [],
-        "job": _state["current_job"],
-        "error": _state.get("load_error"),
-        "heartbeat": time.time(),
-    }
-
-
 def publish_heartbeat() -> None:
-    r = _redis()
-    p = r.pipeline(transaction=False)
-    p.set(Keys.worker(worker_name()), json.dumps(_worker_record()), ex=settings.HEARTBEAT_TTL)
+    p = STATE.redis.pipeline(transaction=False)
+    p.set(Keys.worker(worker_name()), json.dumps(STATE.record()), ex=STATE.settings.heartbeat_ttl)
     p.zadd(Keys.WORKERS, {worker_name(): time.time()})
-    job = _state["current_job"]
-    if job:
-        p.set(Keys.heartbeat(job), worker_name(), ex=settings.HEARTBEAT_TTL)
+    if STATE.current_job:
+        p.set(Keys.heartbeat(STATE.current_job), worker_name(), ex=STATE.settings.heartbeat_ttl)
     p.execute()
 
 
+def forget_dead_siblings() -> list[str]:
+    """Drop the records of this host's worker processes that no longer exist (a pool child
+    killed and replaced), so ``/readyz`` and ``/api/info`` count live workers only."""
+    r = STATE.redis
+    dead = [name for name in (m.decode() for m in r.zrange(Keys.WORKERS, 0, -1)) if holder_is_dead(name)]
+    if dead:
+        p = r.pipeline(transaction=False)
+        p.zrem(Keys.WORKERS, *dead)
+        p.delete(*(Keys.worker(n) for n in dead))
+        p.execute()
+    return dead
+
+
 def _start_heartbeat() -> None:
-    if _state["heartbeat"] is not None:
+    if STATE._heartbeat is not None:
         return
 
     def beat() -> None:
         while True:
             try:
                 publish_heartbeat()
-            except redis.RedisError as exc:  # keep beating through a Redis hiccup
+            except redis.RedisError as exc:  # keep beating through a Redis outage
                 log.warning("heartbeat failed: %s", exc)
-            time.sleep(settings.HEARTBEAT_SECONDS)
+            time.sleep(STATE.settings.heartbeat_seconds)
 
-    t = threading.Thread(target=beat, name="framepack-heartbeat", daemon=True)
-    _state["heartbeat"] = t
-    t.start()
+    STATE._heartbeat = threading.Thread(target=beat, name="framepack-heartbeat", daemon=True)
+    STATE._heartbeat.start()
 
 
 def _load_or_report() -> None:
@@ -132,8 +186,8 @@ def _load_or_report() -> None:
     try:
         load_models()
     except Exception as exc:  # noqa: BLE001
-        _state["load_error"] = _readable(exc)
-        log.error("framepack worker cannot load its model: %s", _state["load_error"])
+        STATE.load_error = readable(exc)
+        log.error("framepack worker cannot load its model: %s", STATE.load_error)
     _start_heartbeat()
 
 
@@ -141,63 +195,121 @@ def _load_or_report() -> None:
 def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
     """Load in the background: the pool kills a child that has not said it is up within
     ``worker_proc_alive_timeout`` seconds, and real weights take minutes to load.  Until
-    then the heartbeat says ``ready: false``; a task that arrives first waits for the load
-    (``load_models`` holds the lock while loading)."""
-    _state.pop("redis", None)  # never share a connection across a fork
+    then the heartbeat says ``ready: false``; a task that arrives first waits for the load."""
+    STATE.after_fork()
+    try:
+        forget_dead_siblings()
+    except redis.RedisError as exc:
+        log.warning("could not tidy dead workers' records: %s", exc)
     _start_heartbeat()
     threading.Thread(target=_load_or_report, name="framepack-loader", daemon=True).start()
 
 
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    _state["pool"] = str(getattr(sender, "pool_cls", "")).lower()
+    STATE.pool = str(getattr(sender, "pool_cls", "")).lower()
 
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:  # solo/threads pools run tasks in this very process
-    if "prefork" not in _state.get("pool", "prefork"):
+    if "prefork" not in STATE.pool:
         _load_or_report()
+
+
+@task_revoked.connect
+def _on_revoked(request: Any = None, terminated: bool = False, signum: Any = None, expired: bool = False,
+                **_: Any) -> None:  # fmt: skip
+    """``celery control revoke`` / ``terminate`` (and Flower's buttons): Celery has already
+    announced REVOKED to Flower; the lifecycle ends the job in our records with the reason,
+    gives every watcher its final and puts the reason in Flower's Result column.  Runs in
+    the worker's main process."""
+    job_id = getattr(request, "id", None)
+    if not job_id:
+        return
+    if terminated:
+        reason = Reason.TERMINATED.format(signum=signum)
+    elif expired:
+        reason = Reason.EXPIRED
+    else:
+        reason = Reason.REVOKED
+    from celery import current_app
+
+    def announce(job_id: str, event: str, fields: dict[str, Any]) -> None:  # the Result column's text
+        with current_app.events.default_dispatcher(hostname=getattr(request, "hostname", None)) as dispatcher:
+            dispatcher.send(event, uuid=job_id, **fields)
+
+    lc = Lifecycle(STATE.redis, STATE.settings, announce)
+    lc.request_cancel(job_id)  # a redelivered copy never runs
+    lc.finish_patiently(job_id, JobState.CANCELLED, reason=reason)
 
 
 # -- reporting --------------------------------------------------------------------------
 class Reporter:
-    """Generation events -> ``update_state`` metas with a gap-free ``seq``, throttled."""
+    """Generation events -> ``update_state`` metas with a gap-free ``seq``, throttled.
 
-    def __init__(self, task: Task, job_id: str, jobs: JobStore, started_at: float, seq: int = 0):
-        self.task, self.job_id, self.jobs = task, job_id, jobs
+    An update that cannot be written (Redis down) is skipped without consuming a ``seq``,
+    and for the next two seconds no write is tried (sampling never waits on Redis); every
+    update carries all fields, so the next one written loses nothing that matters."""
+
+    OUTAGE_PAUSE = 2.0
+
+    def __init__(self, task: Task, job_id: str, lifecycle: Lifecycle, started_at: float, seq: int = 0,
+                 attempts: int = 1):  # fmt: skip
+        self.task, self.job_id, self.lifecycle = task, job_id, lifecycle
         self.seq = seq  # a redelivered job continues its predecessor's sequence
         self.last_sent = 0.0
         self.last_feed = 0.0
-        self.fields: dict[str, Any] = {"started_at": started_at, "sections_done": [], "progress": 0.0}
+        self.paused_until = 0.0
+        self.skipped = 0
+        self.fields: dict[str, Any] = {"started_at": started_at, "sections_done": [], "progress": 0.0,
+                                       "attempts": attempts}  # fmt: skip
         self._preview = None
 
-    def send(self, event: str, state: JobState = JobState.RUNNING, extra: dict | None = None) -> dict:
-        self.seq += 1
+    def send(self, event: str) -> dict | None:
+        """Write one running update; None when skipped (Redis unreachable)."""
+        if time.monotonic() < self.paused_until:
+            self.skipped += 1
+            return None
         if self._preview is not None:  # base64 only what is sent
             p = self._preview
             self.fields["preview"] = preview_field(
                 base64.b64encode(p.jpeg).decode(), p.frames, p.tile_width, p.tile_height
             )
             self._preview = None
-        meta = make_meta(self.seq, state, event=event, **self.fields, **(extra or {}))
-        self.task.update_state(state=STATE_TO_CELERY[state], meta=meta)
-        self.jobs.set_seq(self.job_id, self.seq)
+        meta = make_meta(self.seq + 1, JobState.RUNNING, event=event, **self.fields)
+        try:
+            self.task.update_state(state=STATE_TO_CELERY[JobState.RUNNING], meta=meta)
+        except Exception as exc:  # noqa: BLE001 — Redis down: skip, never fail the job for progress
+            self.paused_until = time.monotonic() + self.OUTAGE_PAUSE
+            self.skipped += 1
+            log.warning("job %s: update skipped (%s: %s)", self.job_id, type(exc).__name__, exc)
+            return None
+        self.seq += 1
         self.last_sent = time.monotonic()
-        if state is JobState.RUNNING:
-            self._flower(meta)
+        try:
+            self.lifecycle.save_seq(self.job_id, self.seq)
+        except redis.RedisError:
+            pass  # the meta holds it; finish() takes the larger of the two
+        self._announce(meta)
         return meta
 
-    def _flower(self, meta: dict) -> None:
-        """``update_state`` emits no event; Flower learns of progress from this one."""
-        fields = {k: meta.get(k) for k in ("seq", "stage", "progress", "step", "steps", "section", "sections", "eta")}
-        try:
-            self.task.send_event("task-progress", **fields)
-        except Exception:  # events disabled or broker hiccup: progress still flows
-            pass
+    def _announce(self, meta: dict) -> None:
+        """Flower and the all-jobs feed hear of progress at most once a second."""
         now = time.monotonic()
-        if now - self.last_feed >= 1.0:
-            self.last_feed = now
-            self.jobs.publish_event({"job_id": self.job_id, "state": "running", "seq": meta["seq"], **fields})
+        if now - self.last_feed < 1.0:
+            return
+        self.last_feed = now
+        event, fields = flower_event(JobState.RUNNING, meta)
+        try:
+            self.task.send_event(event, **fields)
+        except Exception:  # noqa: BLE001 — events disabled or broker hiccup: progress still flows
+            pass
+        keep = ("stage", "progress", "step", "steps", "section", "sections", "eta")
+        try:
+            self.lifecycle.r.publish(Keys.EVENTS, feed_event("progress", self.job_id, JobState.RUNNING,
+                                                             seq=meta["seq"], **{k: meta.get(k) for k in keep}))
+        except redis.RedisError:
+            pass
 
     def on_event(self, e: Any) -> None:
         from diffusers_helper import events as ev
@@ -212,7 +324,7 @@ class Reporter:
                 stage="Sampling", message=e.message, progress=round(e.progress, 5), step=e.step, steps=e.steps,
                 section=e.section, sections=e.sections, eta=e.eta_seconds,
             )  # fmt: skip
-            if e.step == e.steps or time.monotonic() - self.last_sent >= settings.PROGRESS_INTERVAL:
+            if e.step == e.steps or time.monotonic() - self.last_sent >= STATE.settings.progress_interval:
                 self.send("progress")
         elif isinstance(e, ev.SectionDone):
             self.fields["sections_done"] = self.fields["sections_done"] + [
@@ -221,30 +333,9 @@ class Reporter:
             self.fields["message"] = e.message
             self.send("section")
 
-
-def _exception_for(record: dict[str, Any]) -> dict[str, Any]:
-    state = JobState(record["state"])
-    if state is JobState.CANCELLED:
-        return exception_fields("TaskRevokedError", "cancelled")
-    if state is JobState.FAILED:
-        return exception_fields("RuntimeError", record.get("error") or "failed")
-    return {}
-
-
-def _finish(reporter: Reporter, jobs: JobStore, state: JobState, result: dict | None, error: str | None) -> dict:
-    record = jobs.get(reporter.job_id) or {}
-    if record.get("state") in {s.value for s in TERMINAL}:
-        return {}  # already finished elsewhere (a stalled job the web tier failed): keep that verdict
-    extra: dict[str, Any] = {"finished_at": time.time()}
-    if result is not None:
-        extra["result"] = result
-    if error is not None:
-        extra["error"] = error
-    extra.update(_exception_for({"state": state.value, "error": error}))
-    jobs.mark_finished(reporter.job_id, state, result, error)
-    meta = reporter.send("final", state, extra)
-    jobs.publish_event({"job_id": reporter.job_id, "state": state.value, "seq": meta["seq"], "error": error})
-    return meta
+    def final_fields(self) -> dict[str, Any]:
+        """What the job's final carries on from the updates (the preview as last sent)."""
+        return dict(self.fields)
 
 
 def _open_image(data: bytes | None, what: str) -> Any:
@@ -257,7 +348,7 @@ def _open_image(data: bytes | None, what: str) -> Any:
     return img
 
 
-def _readable(exc: BaseException) -> str:
+def readable(exc: BaseException) -> str:
     name = type(exc).__name__
     if name == "OutOfMemoryError":
         return "GPU out of memory: try a shorter video, a smaller resolution or more gpu_memory_preservation"
@@ -266,57 +357,66 @@ def _readable(exc: BaseException) -> str:
     return f"{name}: {exc}" if str(exc) else name
 
 
-@shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
-def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Run one job; every outcome is written as our final meta with the next ``seq``."""
-    jobs = store()
-    record = jobs.get(job_id)
-    if record is None:
-        raise Ignore()  # deleted or expired while queued
-    if JobState(record["state"]) in TERMINAL:
-        # Cancelled while queued: the web tier wrote the final, then Celery's STARTED (task
-        # tracking) overwrote it.  Write it back under the same seq; watchers dedupe by seq.
-        Reporter(self, job_id, jobs, time.time(), record["seq"] - 1).send(
-            "final", JobState(record["state"]), {"error": record.get("error"), **_exception_for(record)}
-        )
-        raise Ignore()
-    reporter = Reporter(self, job_id, jobs, time.time(), record["seq"])
+def _cancel_check(job_id: str) -> Any:
+    """The per-step cancel check: an unreachable Redis means "not cancelled" (the job goes
+    on through an outage; a cancel sent meanwhile is seen once Redis is back)."""
 
-    if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
-        _finish(reporter, jobs, JobState.CANCELLED, None, None)
+    def cancelled() -> bool:
+        try:
+            return bool(STATE.quick.exists(Keys.cancel(job_id)))
+        except redis.RedisError:
+            return False
+
+    return cancelled
+
+
+@shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
+    """Run one job.  Returns the short summary Flower shows; the full final meta is the
+    lifecycle's result document."""
+    lc = STATE.lifecycle(self)
+    start = lc.start(job_id, worker_name())
+    if start.verdict == "ended" and start.record and JobState(start.record["state"]) in TERMINAL:
+        # Ended before it could run (cancelled while queued, revoked, purged, delivered
+        # too often): Flower saw Celery's task-started for this delivery, so it hears the end.
+        event, fields = flower_event(JobState(start.record["state"]), start.record)
+        self.send_event(event, **fields)
+    if not start.runs:
+        if start.verdict == "duplicate":
+            log.warning("job %s is running on %s: this delivery is dropped", job_id, start.record.get("worker"))
         raise Ignore()
-    attempts = jobs.mark_started(job_id, worker_name())
-    _state["current_job"] = job_id
-    jobs.publish_event({"job_id": job_id, "state": "running", "seq": 0})
+    record = start.record or {}
+    latest = lc.r.get(Keys.celery_meta(job_id))
+    last_seq = max(record.get("seq", 0), int(((json.loads(latest) if latest else {}).get("result") or {}).get("seq")
+                                              or 0))  # fmt: skip
+    reporter = Reporter(self, job_id, lc, record.get("started_at") or time.time(), last_seq, start.attempts)
+    STATE.current_job = job_id
     try:
-        if attempts > 1 + settings.MAX_REDELIVERIES:
-            _finish(reporter, jobs, JobState.FAILED, None, f"worker lost (delivered {attempts} times)")
-            raise Ignore()
-        return _run(self, reporter, jobs, job_id, params)
+        return _run(self, reporter, lc, job_id, params)
     finally:
-        _state["current_job"] = None
+        STATE.current_job = None
 
 
-def _run(task: Task, reporter: Reporter, jobs: JobStore, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    from diffusers_helper.generate import OutputLayout, generate
-    from diffusers_helper.params import JobParams
-
-    out_dir = settings.results_dir() / job_id
+def _run(task: Task, reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any]) -> str | None:
+    out_dir = STATE.settings.results_dir / job_id
     try:
-        models = load_models()
+        models = load_models()  # first: waits for a background load still running
+        from diffusers_helper.generate import OutputLayout, generate
+        from diffusers_helper.params import JobParams
+
         job = JobParams.model_validate(params)
-        image_bytes, end_bytes = jobs.read_input(job_id)
+        image_bytes, end_bytes = lc.r.get(Keys.input(job_id)), lc.r.get(Keys.end_image(job_id))
         image = _open_image(image_bytes, "input image")
         end_image = _open_image(end_bytes, "end image") if end_bytes is not None else None
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / INPUT_FILE).write_bytes(image_bytes)
         result = generate(
-            job, image, reporter.on_event, lambda: jobs.cancel_requested(job_id),
+            job, image, reporter.on_event, _cancel_check(job_id),
             models=models, output=OutputLayout(out_dir, "video"), end_image=end_image,
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 — every failure becomes a readable final state
         log.exception("job %s failed", job_id)
-        _finish(reporter, jobs, JobState.FAILED, None, _readable(exc))
+        lc.finish_patiently(job_id, JobState.FAILED, error=readable(exc), fields=reporter.final_fields())
         raise Ignore() from None
 
     summary = {
@@ -331,14 +431,12 @@ def _run(task: Task, reporter: Reporter, jobs: JobStore, job_id: str, params: di
         "cache_skipped_steps": result.cache_skipped_steps,
         "profile": models.profile.name,
     }
-    if result.status == "cancelled" or (jobs.get(job_id) or {}).get("state") != JobState.RUNNING.value:
-        _finish(reporter, jobs, JobState.CANCELLED, summary, None)  # no-op if already finished elsewhere
+    if result.status == "cancelled":
+        lc.finish_patiently(job_id, JobState.CANCELLED, reason=Reason.CANCELLED, result=summary,
+                            fields=reporter.final_fields())  # fmt: skip
         raise Ignore()
-    reporter.fields["progress"] = 1.0
-    jobs.mark_finished(job_id, JobState.SUCCEEDED, summary, None)
-    reporter.seq += 1
-    jobs.set_seq(job_id, reporter.seq)
-    meta = make_meta(reporter.seq, JobState.SUCCEEDED, event="final", **reporter.fields, result=summary,
-                     finished_at=time.time())  # fmt: skip
-    jobs.publish_event({"job_id": job_id, "state": "succeeded", "seq": meta["seq"]})
-    return meta  # Celery stores it as SUCCESS (GET + SETEX + PUBLISH, like update_state)
+    meta = lc.finish_patiently(job_id, JobState.SUCCEEDED, result=summary, fields=reporter.final_fields(),
+                               announce=False)  # fmt: skip
+    if meta is None:  # ended meanwhile (a stalled job the sweep failed): that verdict stays
+        raise Ignore()
+    return result_text(meta)  # Celery announces task-succeeded with this as Flower's Result

@@ -394,12 +394,14 @@ def test_a_worker_without_weights_reports_why_and_fails_jobs_readably(live, tmp_
         assert "model weights not found" in done["error"]
 
 
-def test_flower_sees_progress_events(live):
-    """Flower learns of progress only from events: task-progress (without the image) and the
-    standard task-started / task-succeeded."""
+def test_flower_sees_progress_in_result_then_the_end(live):
+    """Flower learns of jobs from events only.  Progress is re-announced as task-started with a
+    readable Result (a custom PROGRESS state would outrank REVOKED and hide every cancel), the
+    end as the standard task-succeeded; celery.events.state.State is what Flower runs."""
     import threading
 
     from celery import Celery
+    from celery.events.state import State
 
     app = Celery(broker=live.redis_url)
     seen: list[dict] = []
@@ -408,18 +410,26 @@ def test_flower_sees_progress_events(live):
         t = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True)
         t.start()
         time.sleep(1.0)  # the receiver's queue is bound
-        job = live.submit(total_second_length=2, steps=4)
+        job = live.submit(total_second_length=4, steps=12)
         _final_state(live, job["id"])
         _wait(lambda: any(e["type"] == "task-succeeded" and e.get("uuid") == job["id"] for e in seen), 15,
               "task-succeeded")  # fmt: skip
         receiver.should_stop = True
     mine = [e for e in seen if e.get("uuid") == job["id"]]
-    kinds = [e["type"] for e in mine]
-    assert "task-started" in kinds and "task-succeeded" in kinds
-    progress = [e for e in mine if e["type"] == "task-progress"]
-    assert len(progress) >= 3
-    assert [e["seq"] for e in progress] == sorted(e["seq"] for e in progress)
-    assert any(e["progress"] > 0 for e in progress) and all("preview" not in e for e in progress)
+    progress = [e for e in mine if e["type"] == "task-started" and "%" in (e.get("result") or "")]
+    assert len(progress) >= 2, [e["type"] for e in mine]
+    percents = [int(e["result"].split("%")[0]) for e in progress]
+    assert percents == sorted(percents) and percents[-1] > 0
+    assert all("data:image" not in e["result"] for e in progress)  # never the preview
+    state = State()
+    for e in mine:
+        state.event(e)
+        if e is progress[0]:
+            assert state.tasks[job["id"]].state == "STARTED" and "%" in state.tasks[job["id"]].result
+    task = state.tasks[job["id"]]
+    frames = live.job(job["id"])["result"]["frames"]
+    assert task.state == "SUCCESS" and task.result.startswith(f"'{frames} frames")  # the summary, as repr
+    assert task.started == pytest.approx(live.job(job["id"])["started_at"], abs=1.0)
 
 
 def _read_frames(sock, until_final: bool = True, timeout: float = 90.0) -> list[tuple[int, bytes]]:

@@ -1,44 +1,56 @@
 """HTTP and WebSocket tier (never imports torch).
 
 ``create_app()`` is the factory gunicorn runs (``webapp:create_app()``); tests build apps
-with their own config.
+with their own :class:`tasks.settings.Settings` (``config={"SETTINGS": ...}``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, send_from_directory
-from werkzeug.exceptions import HTTPException
 
-from tasks import settings
+from tasks import settings as settings_module
 
-from . import api, compat, openapi, ws
+from . import api, compat, errors, openapi, ws
 from .service import Service
 
 log = logging.getLogger("framepack.web")
 
 
+def _settings(config: dict[str, Any]) -> settings_module.Settings:
+    s = config.get("SETTINGS") or settings_module.current()
+    if "REDIS_URL" in config:  # shorthand used by tests and tools: one Redis for everything
+        url = config["REDIS_URL"]
+        s = dataclasses.replace(s, redis_url=url, broker_url=url, result_backend=url)
+    if "RESULTS_DIR" in config:
+        s = dataclasses.replace(s, results_dir=Path(config["RESULTS_DIR"]).resolve())
+    return s
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
+    config = dict(config or {})
+    s = _settings(config)
     app = Flask(__name__)
     app.json.sort_keys = False  # snapshots read in their own order
     app.config.update(
-        REDIS_URL=settings.store_url(),
-        RESULTS_DIR=str(settings.results_dir()),
-        MAX_CONTENT_LENGTH=int(os.environ.get("FRAMEPACK_MAX_UPLOAD_BYTES", 32 * 2**20)),
+        SETTINGS=s,
+        MAX_CONTENT_LENGTH=s.max_upload_bytes,
         HUB_POLL_INTERVAL=2.0,
-        WS_SEND_BUFFER=int(os.environ.get("FRAMEPACK_WS_SEND_BUFFER", 256 * 1024)),
+        WS_SEND_BUFFER=s.ws_send_buffer,
+        SWEEPER=True,
     )
-    app.config.update(config or {})
-    service = Service(app.config["REDIS_URL"], Path(app.config["RESULTS_DIR"]),
-                      poll_interval=app.config["HUB_POLL_INTERVAL"])  # fmt: skip
+    app.config.update({k: v for k, v in config.items() if k not in ("REDIS_URL", "RESULTS_DIR", "SETTINGS")})
+    service = Service(s, celery=config.get("CELERY"), poll_interval=app.config["HUB_POLL_INTERVAL"])
     app.extensions["framepack"] = service
-    service.start_janitor()
+    if app.config["SWEEPER"]:
+        service.start_sweeper()
 
+    errors.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(compat.bp)
     ws.init_app(app)
@@ -66,19 +78,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def openapi_json() -> Response:
         return jsonify(openapi.document())
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        unknown_job = exc.code == 404 and str(exc.description).startswith("unknown job")
-        field = "body" if exc.code == 413 else "job_id" if unknown_job else None
-        message = "request body too large" if exc.code == 413 else (exc.description or exc.name)
-        errors = [{"field": field, "message": message}] if field else []
-        resp = jsonify({"error": message, "field": field, "errors": errors})
-        resp.status_code = exc.code or 500
-        return resp
-
     # Everything allocated so far (modules, the app) lives as long as the process: keep it
     # out of the collector's way, so full collections stay short under many sockets.
     gc.freeze()
-    profile = settings.profile_spec()
-    log.warning("framepack web tier: profile %s%s", profile, " (tiny: videos are noise)" if profile == "tiny" else "")
+    noise = " (tiny: videos are noise)" if s.profile == settings_module.DEFAULT_PROFILE else ""
+    log.warning("framepack web tier: profile %s%s; Redis %s", s.profile, noise, settings_module.mask_url(s.store_url))
     return app

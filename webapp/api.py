@@ -1,33 +1,28 @@
-"""REST API: ``/api/jobs`` and friends.  Views only translate HTTP to :class:`Service` calls."""
+"""REST API: ``/api/jobs`` and friends.  Views only translate HTTP to :class:`Service` calls;
+errors are raised as :class:`webapp.errors.ApiError` and rendered by one handler."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, abort, current_app, jsonify, request, send_file
-from pydantic import ValidationError
+from flask import Blueprint, Response, current_app, jsonify, request, send_file
 
-from diffusers_helper.params import JobParams, field_errors
+from diffusers_helper.params import JobParams
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState
 
+from .errors import ApiError, not_found
 from .service import Service
 from .uploads import ImageError, decode_base64, normalise
 
 bp = Blueprint("api", __name__)
 
+#: Paging bounds of GET /api/jobs.
+MAX_LIMIT = 200
+MAX_OFFSET = 2**31 - 1
+
 
 def service() -> Service:
     return current_app.extensions["framepack"]
-
-
-def error(status: int, message: str, field: str | None = None, errors: list | None = None) -> Response:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    body["errors"] = errors or ([{"field": field, "message": message}] if field else [])
-    resp = jsonify(body)
-    resp.status_code = status
-    return resp
 
 
 def parse_submission(fields: dict[str, Any], files: dict[str, bytes]) -> tuple[JobParams, bytes, bytes | None]:
@@ -68,66 +63,65 @@ def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
     return fields, files
 
 
-def submit_from_request(translate: dict[str, str] | None = None) -> tuple[dict[str, Any] | None, Response | None]:
-    """Shared by ``POST /api/jobs`` and the legacy ``POST /generate`` (which renames fields)."""
-    translate = translate or {}
+def submit_from_request() -> dict[str, Any]:
+    """Shared by ``POST /api/jobs`` and the legacy ``POST /generate``."""
+    fields, files = read_request()
+    params, image, end = parse_submission(fields, files)
     try:
-        fields, files = read_request()
-        params, image, end = parse_submission(fields, files)
-    except ImageError as exc:
-        return None, error(exc.status, f"{exc.field}: {exc.message}", translate.get(exc.field, exc.field))
-    except ValidationError as exc:
-        errs = [{**e, "field": translate.get(e["field"], e["field"])} for e in field_errors(exc)]
-        return None, error(422, "; ".join(f"{e['field']}: {e['message']}" for e in errs), errs[0]["field"], errs)
-    try:
-        view = service().submit(params, image, end)
+        return service().submit(params, image, end)
     except Exception as exc:  # noqa: BLE001 — the broker is down: say so, store nothing
         current_app.logger.exception("dispatch failed")
-        return None, error(503, f"could not queue the job: {exc}")
-    return view, None
+        raise ApiError(503, f"could not queue the job: {exc}", headers={"Retry-After": "5"}) from None
 
 
 @bp.post("/api/jobs")
 def create_job() -> Response:
-    view, err = submit_from_request()
-    if err is not None:
-        return err
+    view = submit_from_request()
     resp = jsonify(view)
     resp.status_code = 202
     resp.headers["Location"] = view["links"]["self"]
     return resp
 
 
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name}: must be an integer", name) from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name}: must be between {low} and {high}", name)
+    return value
+
+
 @bp.get("/api/jobs")
 def list_jobs() -> Response:
-    try:
-        limit = min(max(int(request.args.get("limit", 20)), 1), 200)
-        offset = max(int(request.args.get("offset", 0)), 0)
-    except ValueError:
-        return error(400, "limit and offset must be integers", "limit")
-    ids, total = service().store.list_ids(offset, limit)
-    jobs = [s for s in (service().summary(i) for i in ids) if s is not None]
+    limit = _int_arg("limit", 20, 1, MAX_LIMIT)
+    offset = _int_arg("offset", 0, 0, MAX_OFFSET)
+    jobs, total = service().list_page(offset, limit)
     nxt = f"/api/jobs?offset={offset + limit}&limit={limit}" if offset + limit < total else None
     return jsonify({"jobs": jobs, "total": total, "offset": offset, "limit": limit, "next": nxt})
 
 
-def _view_or_404(job_id: str) -> dict[str, Any]:
+def view_or_404(job_id: str) -> dict[str, Any]:
     view = service().view(job_id)
     if view is None:
-        abort(404, description=f"unknown job {job_id}")
+        raise not_found()
     return view
 
 
 @bp.get("/api/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(_view_or_404(job_id))
+    return jsonify(view_or_404(job_id))
 
 
 @bp.post("/api/jobs/<job_id>/cancel")
 def cancel_job(job_id: str) -> Response:
-    view = _view_or_404(job_id)
+    view = view_or_404(job_id)
     if JobState(view["state"]) in TERMINAL:
-        return error(409, f"job already {view['state']}", "state")
+        raise ApiError(409, f"state: the job already {view['state']}", "state")
     resp = jsonify(service().cancel(job_id))
     resp.status_code = 202
     return resp
@@ -135,9 +129,9 @@ def cancel_job(job_id: str) -> Response:
 
 @bp.delete("/api/jobs/<job_id>")
 def delete_job(job_id: str) -> Response:
-    view = _view_or_404(job_id)
+    view = view_or_404(job_id)
     if JobState(view["state"]) not in TERMINAL:
-        return error(409, "only finished jobs can be deleted; cancel it first", "state")
+        raise ApiError(409, "state: only finished jobs can be deleted; cancel it first", "state")
     service().delete(job_id)
     return Response(status=204)
 
@@ -145,24 +139,23 @@ def delete_job(job_id: str) -> Response:
 def _mp4(job_id: str, name: str | None) -> Response:
     path = service().job_dir(job_id) / name if name else None
     if path is None or not path.is_file():
-        abort(404, description="no such video (yet)")
+        raise ApiError(404, "video: no such video (yet)", "video")
     return send_file(path, mimetype="video/mp4", conditional=True, max_age=0)
 
 
 @bp.get("/api/jobs/<job_id>/video")
 def job_video(job_id: str) -> Response:
-    view = _view_or_404(job_id)
+    view = view_or_404(job_id)
     if view["state"] != JobState.SUCCEEDED.value:
-        return error(404, f"no final video: the job is {view['state']}", "state")
-    record = service().store.get(job_id) or {}
+        raise ApiError(404, f"state: no final video, the job is {view['state']}", "state")
+    record = service().record(job_id) or {}
     return _mp4(job_id, (record.get("result") or {}).get("video"))
 
 
 @bp.get("/api/jobs/<job_id>/sections/<int:k>")
 def job_section(job_id: str, k: int) -> Response:
-    latest = service().store.latest_meta(job_id)
-    if service().store.get(job_id) is None:
-        abort(404, description=f"unknown job {job_id}")
+    view_or_404(job_id)
+    latest = service().latest_meta(job_id)
     done = latest[1].get("sections_done", []) if latest else []
     name = next((s["file"] for s in done if s.get("section") == k), None)
     return _mp4(job_id, name)
@@ -170,21 +163,23 @@ def job_section(job_id: str, k: int) -> Response:
 
 @bp.get("/api/jobs/<job_id>/input")
 def job_input(job_id: str) -> Response:
-    _view_or_404(job_id)
-    data, _ = service().store.read_input(job_id)
+    view_or_404(job_id)
+    data = service().read_input(job_id)
     if data is not None:
         return Response(data, mimetype="image/png")
     path = service().job_dir(job_id) / INPUT_FILE
     if not path.is_file():
-        abort(404, description="input no longer available")
+        raise ApiError(404, "input: no longer available", "input")
     return send_file(path, mimetype="image/png")
 
 
 @bp.get("/api/info")
 def info() -> Response:
-    workers = service().workers()
+    svc = service()
+    workers = svc.workers()
     profiles = sorted({(w.get("profile") or {}).get("name", "?") for w in workers})
     noise = any((w.get("profile") or {}).get("is_noise") for w in workers)
-    hub = service().hub
+    hub = svc.hub
     return jsonify({"workers": workers, "profiles": profiles, "is_noise": noise,
-                    "hub": {**hub.stats, "channels": hub.channels}})  # fmt: skip
+                    "hub": {**hub.stats, "channels": hub.channels},
+                    "settings": svc.settings.public()})  # fmt: skip

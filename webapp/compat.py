@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
+from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 
 from tasks.protocol import LEGACY_STATUS, TERMINAL, JobState
 
-from .api import _view_or_404, cancel_job, job_video, service, submit_from_request
+from .api import cancel_job, job_video, service, submit_from_request, view_or_404
+from .errors import from_image, from_validation
+from .uploads import ImageError
 
 bp = Blueprint("compat", __name__)
 
@@ -55,20 +58,23 @@ def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
 def generate() -> Response:
     if request.mimetype != "application/json":
         _translate_form()
-    view, err = submit_from_request(BACK)
-    if err is not None:
-        return err
+    try:
+        view = submit_from_request()
+    except ValidationError as exc:
+        raise from_validation(exc, BACK) from None
+    except ImageError as exc:
+        raise from_image(exc, BACK) from None
     return jsonify({"job_id": view["id"], "message": "Job submitted", "status": view["status"]})
 
 
 @bp.get("/status/<job_id>")
 def status(job_id: str) -> Response:
-    return jsonify(legacy_status(_view_or_404(job_id)))
+    return jsonify(legacy_status(view_or_404(job_id)))
 
 
 @bp.get("/result/<job_id>")
 def result(job_id: str) -> Response:
-    view = _view_or_404(job_id)
+    view = view_or_404(job_id)
     body = {**legacy_status(view), "result": view.get("result"), "error": view.get("error")}
     if view["state"] == JobState.SUCCEEDED.value:
         body["video_url"] = f"/download/video/{job_id}"
@@ -89,8 +95,8 @@ def cancel(job_id: str) -> Response:
 def queue() -> Response:
     svc = service()
     queued = [{"job_id": i, "position": n, "status": LEGACY_STATUS[JobState.QUEUED]}
-              for n, i in enumerate(svc.store.queued_ids(), start=1)]  # fmt: skip
-    running = [w["job"] for w in svc.workers() if w.get("job")]
+              for n, i in enumerate(svc.queued_ids(), start=1)]  # fmt: skip
+    running = svc.running_ids()
     return jsonify({"queue": queued, "queue_length": len(queued), "processing": running})
 
 
@@ -101,7 +107,7 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 @bp.get("/stream/status/<job_id>")
 def stream(job_id: str) -> Response:
     svc = service()
-    _view_or_404(job_id)
+    view_or_404(job_id)
 
     def events() -> Iterator[str]:
         outbox = svc.hub.new_outbox()

@@ -16,8 +16,9 @@ from flask import Blueprint, Flask, current_app, request
 from flask_sock import Sock
 
 from tasks.protocol import TERMINAL, JobState, Keys, encode
+from tasks.snapshot import decorate
 
-from .service import Service, decorate
+from .service import Service
 
 sock = Sock()
 bp = Blueprint("ws", __name__)
@@ -101,7 +102,7 @@ def _pump(ws: Any, outbox: Any, sent_seq: int, until_final: bool) -> None:
 @sock.route("/ws/jobs/<job_id>", bp=bp)
 def job_stream(ws: Any, job_id: str) -> None:
     svc = _service()
-    if svc.store.get(job_id) is None:
+    if svc.record(job_id) is None:
         ws.close(reason=CLOSE_UNKNOWN_JOB, message="unknown job")
         return
     _limit_send_buffer(ws)
@@ -112,7 +113,7 @@ def job_stream(ws: Any, job_id: str) -> None:
         view = svc.view(job_id)
         ws.send(encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}))
         if JobState(view["state"]) in TERMINAL:
-            latest = svc.store.latest_meta(job_id)
+            latest = svc.latest_meta(job_id)
             final = decorate(job_id, latest[1]) if latest and latest[0] in TERMINAL else {**view, "seq": view["seq"]}
             ws.send(encode({"type": "final", "job_id": job_id, **final}))
             ws.close(reason=CLOSE_DONE, message="job finished")
@@ -129,8 +130,7 @@ def jobs_stream(ws: Any) -> None:
     outbox.own(ws)
     svc.hub.watch(Keys.EVENTS, outbox)
     try:
-        ids, _ = svc.store.list_ids(0, 50)
-        jobs = [s for s in (svc.summary(i) for i in ids) if s]
+        jobs, _ = svc.list_page(0, 50)
         ws.send(encode({"type": "snapshot", "jobs": jobs}))
         _pump(ws, outbox, 0, until_final=False)
     finally:

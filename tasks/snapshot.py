@@ -1,0 +1,199 @@
+"""What a client sees of a job: the typed snapshot and summary (torch- and Flask-free).
+
+A snapshot merges the job record (``fp:job:<id>``), the latest worker update (Celery's
+``celery-task-meta-<id>``) and the queue position.  :func:`build_view` is a pure function
+of those: reading a job never changes it (the background sweep in :mod:`tasks.sweeper`
+is what ends stalled jobs).  The models here also generate the OpenAPI schemas
+(``webapp/openapi.py``), so the document and the replies cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .protocol import LEGACY_STATUS, TERMINAL, JobState
+
+
+class Links(BaseModel):
+    self: str
+    ws: str
+    video: str
+    input: str
+    cancel: str
+    page: str
+
+
+def job_links(job_id: str) -> dict[str, str]:
+    return {
+        "self": f"/api/jobs/{job_id}",
+        "ws": f"/ws/jobs/{job_id}",
+        "video": f"/api/jobs/{job_id}/video",
+        "input": f"/api/jobs/{job_id}/input",
+        "cancel": f"/api/jobs/{job_id}/cancel",
+        "page": f"/jobs/{job_id}",
+    }
+
+
+class Preview(BaseModel):
+    image: str = Field(description="data:image/jpeg;base64,… strip of `frames` tiles side by side")
+    frames: int
+    tile_width: int
+    tile_height: int
+
+
+class SectionDone(BaseModel):
+    section: int
+    frames: int
+    seconds: float
+    url: str
+
+
+class JobView(BaseModel):
+    """The snapshot of one job (``GET /api/jobs/<id>``, WebSocket ``snapshot.job``)."""
+
+    model_config = ConfigDict(title="Job")
+
+    id: str
+    state: JobState
+    status: str = Field(description="The original API's word for the state")
+    position: int | None = Field(description="1-based FIFO position while queued")
+    stalled: bool = Field(description="running, but no heartbeat from its worker")
+    seq: int
+    progress: float = Field(ge=0, le=1)
+    stage: str | None
+    message: str | None
+    step: int | None
+    steps: int | None
+    section: int | None
+    sections: int | None
+    eta: float | None
+    preview: Preview | None
+    sections_done: list[SectionDone]
+    result: dict[str, Any] | None
+    error: str | None = Field(description="Why a job failed")
+    reason: str | None = Field(description="Why a job ended without succeeding (cancelled or failed)")
+    created_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float | None
+    attempts: int
+    worker: str | None
+    params: dict[str, Any] | None
+    profile: str | None
+    links: Links
+
+
+class JobSummary(BaseModel):
+    """One row of ``GET /api/jobs`` and of the ``/ws/jobs`` feed."""
+
+    model_config = ConfigDict(title="JobSummary")
+
+    id: str
+    state: JobState
+    status: str
+    position: int | None
+    progress: float = Field(ge=0, le=1)
+    section: int | None
+    sections: int | None
+    stalled: bool
+    error: str | None
+    reason: str | None
+    created_at: float | None
+    finished_at: float | None
+    prompt: str
+    links: Links
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    total: int
+    offset: int
+    limit: int
+    next: str | None
+
+
+def decorate(job_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """A worker meta as clients see it: section and video URLs instead of file names, no
+    ``exc_*`` keys (those are for Celery's ``AsyncResult``)."""
+    out = {k: v for k, v in meta.items() if not k.startswith("exc_")}
+    if "sections_done" in out:
+        out["sections_done"] = [
+            {**{k: v for k, v in s.items() if k != "file"}, "url": f"/api/jobs/{job_id}/sections/{s['section']}"}
+            for s in out["sections_done"]
+        ]
+    result = out.get("result")
+    if isinstance(result, dict):
+        result = {k: v for k, v in result.items() if k != "video"}
+        if meta.get("state") == JobState.SUCCEEDED.value:
+            result["video_url"] = f"/api/jobs/{job_id}/video"
+        out["result"] = result
+    return out
+
+
+def build_view(
+    record: dict[str, Any],
+    latest: tuple[JobState, dict[str, Any]] | None,
+    *,
+    position: int | None,
+    alive: bool,
+    heartbeat_ttl: float,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The snapshot, from what is stored.  The record's state is the truth once it is
+    terminal (the lifecycle writes record and meta together); before that, a terminal meta
+    (written by Celery itself: revoke, terminate) wins."""
+    now = time.time() if now is None else now
+    job_id = record["id"]
+    meta = decorate(job_id, latest[1]) if latest else {}
+    state = JobState(record["state"])
+    if state not in TERMINAL and latest and latest[0] in TERMINAL:
+        state = latest[0]
+    stalled = False
+    if state is JobState.RUNNING and not alive:
+        last = max(record.get("started_at") or 0, meta.get("emitted_at") or 0)
+        stalled = now - last > heartbeat_ttl
+    result = record.get("result")
+    view = {
+        "id": job_id,
+        "state": state.value,
+        "status": LEGACY_STATUS[state],
+        "position": position if state is JobState.QUEUED else None,
+        "stalled": stalled,
+        "seq": max(meta.get("seq", 0), record.get("seq", 0)),
+        "progress": 1.0 if state is JobState.SUCCEEDED else float(meta.get("progress") or 0.0),
+        "stage": meta.get("stage"),
+        "message": meta.get("message"),
+        "step": meta.get("step"),
+        "steps": meta.get("steps"),
+        "section": meta.get("section"),
+        "sections": meta.get("sections"),
+        "eta": meta.get("eta"),
+        "preview": meta.get("preview"),
+        "sections_done": meta.get("sections_done", []),
+        "result": decorate(job_id, {"state": state.value, "result": result})["result"] if result else None,
+        "error": record.get("error") or meta.get("error"),
+        "reason": record.get("reason") or meta.get("reason"),
+        "created_at": record.get("created_at"),
+        "started_at": record.get("started_at"),
+        "finished_at": record.get("finished_at"),
+        "updated_at": meta.get("emitted_at"),
+        "attempts": record.get("attempts", 0),
+        "worker": record.get("worker"),
+        "params": record.get("params"),
+        "profile": record.get("profile"),
+        "links": job_links(job_id),
+    }
+    return view
+
+
+SUMMARY_FIELDS = tuple(f for f in JobSummary.model_fields if f != "prompt")
+
+
+def summary_of(view: dict[str, Any]) -> dict[str, Any]:
+    """The list/feed row of a snapshot."""
+    out = {k: view[k] for k in SUMMARY_FIELDS}
+    out["prompt"] = (view.get("params") or {}).get("prompt", "")
+    return out

@@ -1,0 +1,216 @@
+"""The one background place where jobs end without anyone asking (torch- and Flask-free).
+
+Every ``sweep_seconds`` one process (a Redis lock elects it among every web process) :
+
+- **stalled**: a running job whose worker's heartbeat is gone for ``stall_fail_seconds``
+  fails as "worker lost"; its cancel flag is set, so a worker that wakes up stops at its
+  next step and keeps that verdict;
+- **revoked**: a queued job that ``celery control revoke`` named (the workers' revoked
+  lists, ``inspect().revoked()``) is cancelled now, not when its message is delivered;
+- **purged**: a queued job whose message is in no broker queue, no worker's hands and no
+  unacknowledged set, in two sweeps in a row, is cancelled ("purged from the broker");
+- **expired**: index entries whose records expired (``result_expires``) go, with files.
+
+Reads never end jobs: ``GET`` only reports ``stalled``; this module acts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .lifecycle import Lifecycle
+from .protocol import QUEUE, JobState, Keys, Reason
+from .settings import connect
+
+log = logging.getLogger("framepack.sweeper")
+
+#: kombu's Redis transport keeps priority levels in lists ``<queue>``, ``<queue>\x06\x163``...
+_PRIORITY_SEP = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+#: A queued job is only considered lost this long after it was submitted (dispatch is not
+#: atomic with the record) and must be missing in two sweeps in a row.
+PURGE_GRACE_SECONDS = 10.0
+
+
+class Broker:
+    """What the sweep needs to know of the broker and the workers."""
+
+    def __init__(self, celery: Any, inspect_timeout: float = 1.0):
+        self.celery = celery
+        self.url = celery.conf.broker_url or ""
+        self.inspect_timeout = inspect_timeout
+        self._redis: redis.Redis | None = None
+
+    def _inspect(self, method: str) -> dict[str, list] | None:
+        try:
+            replies = getattr(self.celery.control.inspect(timeout=self.inspect_timeout), method)()
+        except Exception as exc:  # noqa: BLE001 — broker unreachable: decide nothing this time
+            log.warning("inspect %s failed: %s", method, exc)
+            return None
+        return replies
+
+    def revoked(self) -> set[str]:
+        return {i for ids in (self._inspect("revoked") or {}).values() for i in ids}
+
+    def held_by_workers(self) -> set[str] | None:
+        """Task ids the workers have reserved or are running; None if no worker answered."""
+        held: set[str] = set()
+        answered = False
+        for method in ("active", "reserved"):
+            replies = self._inspect(method)
+            if replies is None:
+                return None
+            answered = answered or bool(replies)
+            for tasks in replies.values():
+                held.update(t.get("id") for t in tasks if t.get("id"))
+        return held if answered else set()
+
+    def waiting(self) -> set[str] | None:
+        """Ids of the messages in the broker (queued or delivered-unacknowledged), or None
+        where the broker cannot list them (AMQP: then only an empty queue is conclusive)."""
+        if self.url.startswith(("redis://", "rediss://", "unix://")):
+            if self._redis is None:
+                self._redis = connect(self.url, 2.0)
+            r = self._redis
+            ids: set[str] = set()
+            for key in (QUEUE, *(f"{QUEUE}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)):
+                for raw in r.lrange(key, 0, -1):
+                    ids.add(_message_id(raw))
+            for raw in r.hvals("unacked"):  # delivered, not yet acknowledged: [message, exchange, key]
+                try:
+                    ids.add(json.loads(raw)[0]["headers"]["id"])
+                except (ValueError, IndexError, KeyError, TypeError):
+                    continue
+            return ids
+        count = self._amqp_count()
+        return set() if count == 0 else None
+
+    def _amqp_count(self) -> int | None:
+        try:
+            with self.celery.connection_for_read() as conn:
+                return conn.default_channel.queue_declare(QUEUE, passive=True).message_count
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not read the broker queue length: %s", exc)
+            return None
+
+
+def _message_id(raw: bytes | str) -> str:
+    try:
+        return json.loads(raw).get("headers", {}).get("id", "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+class Sweeper:
+    def __init__(self, lifecycle: Lifecycle, broker: Broker | None, remove_files: Callable[[str], None]):
+        self.lc = lifecycle
+        self.r = lifecycle.r
+        self.settings = lifecycle.settings
+        self.broker = broker
+        self.remove_files = remove_files
+        self._thread: threading.Thread | None = None
+
+    # -- one pass ----------------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> dict[str, list[str]]:
+        now = time.time() if now is None else now
+        done = {"stalled": self._stalled(now), "revoked": [], "purged": [], "expired": self._expired(now)}
+        queued = [i.decode() for i in self.r.zrange(Keys.QUEUED, 0, -1)]
+        if queued and self.broker is not None:
+            done["revoked"] = self._revoked(queued)
+            queued = [i for i in queued if i not in done["revoked"]]
+            done["purged"] = self._purged(queued, now)
+        return done
+
+    def _stalled(self, now: float) -> list[str]:
+        ended = []
+        for raw in self.r.zrange(Keys.RUNNING, 0, -1):
+            job_id = raw.decode()
+            if self.r.exists(Keys.heartbeat(job_id)):
+                continue
+            rec = self.lc.record(job_id)
+            if rec is None:
+                self.r.zrem(Keys.RUNNING, job_id)
+                continue
+            meta = self.r.get(Keys.celery_meta(job_id))
+            last_update = ((json.loads(meta).get("result") or {}) if meta else {}).get("emitted_at") or 0
+            silent = now - max(rec.get("started_at") or 0, last_update)
+            if silent < self.settings.stall_fail_seconds:
+                continue
+            self.lc.request_cancel(job_id)  # a worker that wakes up stops at its next step
+            if self.lc.finish(job_id, JobState.FAILED, error=Reason.STALLED.format(seconds=silent)):
+                ended.append(job_id)
+        return ended
+
+    def _revoked(self, queued: list[str]) -> list[str]:
+        revoked = self.broker.revoked() & set(queued)
+        return [j for j in revoked if self.lc.finish(j, JobState.CANCELLED, reason=Reason.REVOKED)]
+
+    def _purged(self, queued: list[str], now: float) -> list[str]:
+        old = [j for j in queued if now - (self.r.zscore(Keys.JOBS, j) or now) > PURGE_GRACE_SECONDS]
+        if not old:
+            self.r.delete(Keys.MISSING)
+            return []
+        waiting = self.broker.waiting()
+        if waiting is None:
+            return []  # the broker cannot tell (AMQP with messages waiting)
+        held = self.broker.held_by_workers()
+        if held is None:
+            return []
+        missing = [j for j in old if j not in waiting and j not in held]
+        seen_before = {k.decode() for k in self.r.hkeys(Keys.MISSING)}
+        p = self.r.pipeline(transaction=False)
+        p.delete(Keys.MISSING)
+        if missing:
+            p.hset(Keys.MISSING, mapping={j: repr(now) for j in missing})
+        p.execute()
+        purged = []
+        for job_id in (j for j in missing if j in seen_before):
+            if self.lc.finish(job_id, JobState.CANCELLED, reason=Reason.PURGED):
+                purged.append(job_id)
+        return purged
+
+    def _expired(self, now: float) -> list[str]:
+        """Index entries whose record expired (``result_ttl``), and their files."""
+        cutoff = now - self.settings.result_ttl
+        old = [i.decode() for i in self.r.zrangebyscore(Keys.JOBS, 0, cutoff)]
+        gone = [i for i in old if not self.r.exists(Keys.job(i))]
+        if gone:
+            for index in (Keys.JOBS, Keys.QUEUED, Keys.RUNNING):
+                self.r.zrem(index, *gone)
+            for job_id in gone:
+                self.remove_files(job_id)
+        return gone
+
+    # -- the background thread -----------------------------------------------------------------
+    def start(self, owner: str) -> None:
+        """Sweep in a daemon thread, in whichever process holds the lock at the time."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            every = self.settings.sweep_seconds
+            while True:
+                try:
+                    if self.r.set(Keys.SWEEPER, owner, nx=True, ex=max(1, int(every * 3))) or (
+                        self.r.get(Keys.SWEEPER) or b""
+                    ).decode() == owner:
+                        self.r.expire(Keys.SWEEPER, max(1, int(every * 3)))
+                        done = self.sweep()
+                        for kind, ids in done.items():
+                            if ids and kind != "expired":
+                                log.warning("sweep: %s %s", kind, ", ".join(ids))
+                except redis.RedisError as exc:
+                    log.warning("sweep skipped: %s", exc)
+                except Exception:  # noqa: BLE001 — the sweep must outlive any one bad record
+                    log.exception("sweep failed")
+                time.sleep(every)
+
+        self._thread = threading.Thread(target=loop, name="framepack-sweeper", daemon=True)
+        self._thread.start()
