@@ -44,12 +44,13 @@ def free_port() -> int:
 class Valkey:
     """An embedded Valkey server with an append-only file in `data_dir`; started on enter, stopped on exit."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, **config: str) -> None:
         self.port = free_port() if port is None else port
         if self.port in RESERVED_PORTS:
             raise ValueError(f"refusing port {self.port}: reserved for a system service")
         self.data_dir = Path(data_dir)
-        self.server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True, appendonly="yes")
+        self.config = config  # extra valkey.conf settings (requirepass ...)
+        self.server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True, appendonly="yes", **config)
         self.url = f"redis://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Valkey:

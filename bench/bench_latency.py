@@ -119,8 +119,8 @@ class _Task:
     def __init__(self, app: Any, job_id: str):
         self.app, self.job_id = app, job_id
 
-    def update_state(self, state: str, meta: dict) -> None:
-        self.app.backend.store_result(self.job_id, meta, state)
+    def update_state(self, task_id: str, state: str, meta: dict) -> None:
+        self.app.backend.store_result(task_id, meta, state)
 
     def send_event(self, *_: Any, **__: Any) -> None:
         pass
@@ -133,12 +133,12 @@ def _publish(stack: BenchStack, job_id: str, updates: int, rate: float) -> list[
     from tasks.app import make_celery
     from tasks.lifecycle import Lifecycle
     from tasks.settings import Settings
-    from tasks.worker import Reporter
+    from tasks.reporter import Reporter
 
     app = make_celery()
     app.conf.update(result_backend=stack.redis_url, broker_url=stack.redis_url)
     lifecycle = Lifecycle(stack.redis(), Settings(redis_url=stack.redis_url))
-    reporter = Reporter(_Task(app, job_id), job_id, lifecycle, time.time())
+    reporter = Reporter(_Task(app, job_id), job_id, lifecycle, time.time(), progress_interval=0)
     mapper = LatentToRGB(16)
     latents = [torch.randn(1, 16, 9, 80, 76) for _ in range(4)]
     cost = []
@@ -147,7 +147,7 @@ def _publish(stack: BenchStack, job_id: str, updates: int, rate: float) -> list[
         t0 = time.perf_counter()
         reporter.on_event(ev.PreviewReady(make_preview(latents[i % 4], mapper), section=1, step=i + 1))
         if i == updates - 1:
-            lifecycle.finish(job_id, _succeeded(), result={"frames": 37}, fields=reporter.final_fields())
+            lifecycle.finish(job_id, _succeeded(), result={"frames": 37}, fields=reporter.close())
         else:
             reporter.on_event(ev.Progress((i + 1) / steps, 1, 1, i + 1, steps, 1.0, 1.0))
         cost.append((time.perf_counter() - t0) * 1000)

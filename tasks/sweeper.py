@@ -40,37 +40,42 @@ PURGE_GRACE_SECONDS = 10.0
 
 
 class Broker:
-    """What the sweep needs to know of the broker and the workers."""
+    """What the sweep needs to know of the broker and the workers.
 
-    def __init__(self, celery: Any, inspect_timeout: float = 1.0):
+    ``nodes()`` names the Celery workers expected to answer ``inspect`` (from their
+    heartbeat records), so a broadcast returns as soon as they all did instead of waiting
+    out its timeout."""
+
+    def __init__(self, celery: Any, nodes: Callable[[], set[str]] | None = None, inspect_timeout: float = 1.0):
         self.celery = celery
         self.url = celery.conf.broker_url or ""
+        self.nodes = nodes or set
         self.inspect_timeout = inspect_timeout
         self._redis: redis.Redis | None = None
 
     def _inspect(self, method: str) -> dict[str, list] | None:
         try:
-            replies = getattr(self.celery.control.inspect(timeout=self.inspect_timeout), method)()
+            expected = len(self.nodes()) or None
+            inspect = self.celery.control.inspect(timeout=self.inspect_timeout, limit=expected)
+            replies = getattr(inspect, method)()
         except Exception as exc:  # noqa: BLE001 — broker unreachable: decide nothing this time
             log.warning("inspect %s failed: %s", method, exc)
             return None
-        return replies
+        return replies or {}  # no worker answered: none holds anything
 
     def revoked(self) -> set[str]:
         return {i for ids in (self._inspect("revoked") or {}).values() for i in ids}
 
     def held_by_workers(self) -> set[str] | None:
-        """Task ids the workers have reserved or are running; None if no worker answered."""
+        """Task ids the workers have reserved or are running; None if the broadcast failed."""
         held: set[str] = set()
-        answered = False
         for method in ("active", "reserved"):
             replies = self._inspect(method)
             if replies is None:
                 return None
-            answered = answered or bool(replies)
             for tasks in replies.values():
                 held.update(t.get("id") for t in tasks if t.get("id"))
-        return held if answered else set()
+        return held
 
     def waiting(self) -> set[str] | None:
         """Ids of the messages in the broker (queued or delivered-unacknowledged), or None

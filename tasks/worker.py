@@ -7,14 +7,14 @@ generation events into ``update_state`` calls (:class:`Reporter`, following
 :mod:`tasks.protocol`) and ends the job through the lifecycle.  Celery stores nothing of
 this task itself (``ignore_result``): every result document is the lifecycle's.
 
-Redis outages: progress written while Redis is down is skipped (the next update carries
-every field again), the cancel check treats an unreachable Redis as "not cancelled", and
-the job's end is retried until Redis answers (``FRAMEPACK_FINAL_RETRY_SECONDS``).
+Redis outages: sampling never waits on Redis (:mod:`tasks.reporter` writes updates from
+its own thread, latest progress wins), the cancel check treats an unreachable Redis as
+"not cancelled", and the job's end is retried until Redis answers
+(``FRAMEPACK_FINAL_RETRY_SECONDS``).
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -30,21 +30,8 @@ from celery.signals import task_revoked, worker_init, worker_process_init, worke
 
 from . import settings as settings_module
 from .lifecycle import Lifecycle, holder_is_dead, worker_name
-from .protocol import (
-    INPUT_FILE,
-    QUEUE,
-    STATE_TO_CELERY,
-    TASK_NAME,
-    TERMINAL,
-    JobState,
-    Keys,
-    Reason,
-    feed_event,
-    flower_event,
-    make_meta,
-    preview_field,
-    result_text,
-)
+from .protocol import INPUT_FILE, QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, flower_event, result_text
+from .reporter import Reporter
 
 log = logging.getLogger("framepack.worker")
 
@@ -61,6 +48,7 @@ class WorkerState:
         self.load_error: str | None = None
         self.current_job: str | None = None
         self.pool = "prefork"
+        self.node: str | None = None  # the Celery worker's hostname (what `celery inspect` names)
         self._heartbeat: threading.Thread | None = None
         self._clients: dict[str, redis.Redis] = {}
         self._pid = os.getpid()
@@ -99,6 +87,7 @@ class WorkerState:
         return {
             "name": worker_name(),
             "pid": os.getpid(),
+            "node": self.node,
             "queues": [QUEUE],
             "ready": models is not None,
             "profile": models.profile.public_dict() if models else None,
@@ -208,6 +197,7 @@ def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     STATE.pool = str(getattr(sender, "pool_cls", "")).lower()
+    STATE.node = getattr(sender, "hostname", None)
 
 
 @worker_ready.connect
@@ -241,101 +231,6 @@ def _on_revoked(request: Any = None, terminated: bool = False, signum: Any = Non
     lc = Lifecycle(STATE.redis, STATE.settings, announce)
     lc.request_cancel(job_id)  # a redelivered copy never runs
     lc.finish_patiently(job_id, JobState.CANCELLED, reason=reason)
-
-
-# -- reporting --------------------------------------------------------------------------
-class Reporter:
-    """Generation events -> ``update_state`` metas with a gap-free ``seq``, throttled.
-
-    An update that cannot be written (Redis down) is skipped without consuming a ``seq``,
-    and for the next two seconds no write is tried (sampling never waits on Redis); every
-    update carries all fields, so the next one written loses nothing that matters."""
-
-    OUTAGE_PAUSE = 2.0
-
-    def __init__(self, task: Task, job_id: str, lifecycle: Lifecycle, started_at: float, seq: int = 0,
-                 attempts: int = 1):  # fmt: skip
-        self.task, self.job_id, self.lifecycle = task, job_id, lifecycle
-        self.seq = seq  # a redelivered job continues its predecessor's sequence
-        self.last_sent = 0.0
-        self.last_feed = 0.0
-        self.paused_until = 0.0
-        self.skipped = 0
-        self.fields: dict[str, Any] = {"started_at": started_at, "sections_done": [], "progress": 0.0,
-                                       "attempts": attempts}  # fmt: skip
-        self._preview = None
-
-    def send(self, event: str) -> dict | None:
-        """Write one running update; None when skipped (Redis unreachable)."""
-        if time.monotonic() < self.paused_until:
-            self.skipped += 1
-            return None
-        if self._preview is not None:  # base64 only what is sent
-            p = self._preview
-            self.fields["preview"] = preview_field(
-                base64.b64encode(p.jpeg).decode(), p.frames, p.tile_width, p.tile_height
-            )
-            self._preview = None
-        meta = make_meta(self.seq + 1, JobState.RUNNING, event=event, **self.fields)
-        try:
-            self.task.update_state(state=STATE_TO_CELERY[JobState.RUNNING], meta=meta)
-        except Exception as exc:  # noqa: BLE001 — Redis down: skip, never fail the job for progress
-            self.paused_until = time.monotonic() + self.OUTAGE_PAUSE
-            self.skipped += 1
-            log.warning("job %s: update skipped (%s: %s)", self.job_id, type(exc).__name__, exc)
-            return None
-        self.seq += 1
-        self.last_sent = time.monotonic()
-        try:
-            self.lifecycle.save_seq(self.job_id, self.seq)
-        except redis.RedisError:
-            pass  # the meta holds it; finish() takes the larger of the two
-        self._announce(meta)
-        return meta
-
-    def _announce(self, meta: dict) -> None:
-        """Flower and the all-jobs feed hear of progress at most once a second."""
-        now = time.monotonic()
-        if now - self.last_feed < 1.0:
-            return
-        self.last_feed = now
-        event, fields = flower_event(JobState.RUNNING, meta)
-        try:
-            self.task.send_event(event, **fields)
-        except Exception:  # noqa: BLE001 — events disabled or broker hiccup: progress still flows
-            pass
-        keep = ("stage", "progress", "step", "steps", "section", "sections", "eta")
-        try:
-            self.lifecycle.r.publish(Keys.EVENTS, feed_event("progress", self.job_id, JobState.RUNNING,
-                                                             seq=meta["seq"], **{k: meta.get(k) for k in keep}))
-        except redis.RedisError:
-            pass
-
-    def on_event(self, e: Any) -> None:
-        from diffusers_helper import events as ev
-
-        if isinstance(e, ev.Stage):
-            self.fields.update(stage=e.text, message=e.text)
-            self.send("stage")
-        elif isinstance(e, ev.PreviewReady):
-            self._preview = e.preview
-        elif isinstance(e, ev.Progress):
-            self.fields.update(
-                stage="Sampling", message=e.message, progress=round(e.progress, 5), step=e.step, steps=e.steps,
-                section=e.section, sections=e.sections, eta=e.eta_seconds,
-            )  # fmt: skip
-            if e.step == e.steps or time.monotonic() - self.last_sent >= STATE.settings.progress_interval:
-                self.send("progress")
-        elif isinstance(e, ev.SectionDone):
-            self.fields["sections_done"] = self.fields["sections_done"] + [
-                {"section": e.section, "frames": e.frames, "seconds": round(e.seconds, 3), "file": e.path.name}
-            ]
-            self.fields["message"] = e.message
-            self.send("section")
-
-    def final_fields(self) -> dict[str, Any]:
-        """What the job's final carries on from the updates (the preview as last sent)."""
-        return dict(self.fields)
 
 
 def _open_image(data: bytes | None, what: str) -> Any:
@@ -389,15 +284,18 @@ def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> str | Non
     latest = lc.r.get(Keys.celery_meta(job_id))
     last_seq = max(record.get("seq", 0), int(((json.loads(latest) if latest else {}).get("result") or {}).get("seq")
                                               or 0))  # fmt: skip
-    reporter = Reporter(self, job_id, lc, record.get("started_at") or time.time(), last_seq, start.attempts)
+    reporter = Reporter(self, job_id, lc, record.get("started_at") or time.time(), last_seq,
+                        attempts=start.attempts, hostname=self.request.hostname,
+                        progress_interval=STATE.settings.progress_interval)  # fmt: skip
     STATE.current_job = job_id
     try:
-        return _run(self, reporter, lc, job_id, params)
+        return _run(reporter, lc, job_id, params)
     finally:
+        reporter.close()
         STATE.current_job = None
 
 
-def _run(task: Task, reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any]) -> str | None:
+def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any]) -> str | None:
     out_dir = STATE.settings.results_dir / job_id
     try:
         models = load_models()  # first: waits for a background load still running
@@ -416,7 +314,7 @@ def _run(task: Task, reporter: Reporter, lc: Lifecycle, job_id: str, params: dic
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 — every failure becomes a readable final state
         log.exception("job %s failed", job_id)
-        lc.finish_patiently(job_id, JobState.FAILED, error=readable(exc), fields=reporter.final_fields())
+        lc.finish_patiently(job_id, JobState.FAILED, error=readable(exc), fields=reporter.close())
         raise Ignore() from None
 
     summary = {
@@ -433,9 +331,9 @@ def _run(task: Task, reporter: Reporter, lc: Lifecycle, job_id: str, params: dic
     }
     if result.status == "cancelled":
         lc.finish_patiently(job_id, JobState.CANCELLED, reason=Reason.CANCELLED, result=summary,
-                            fields=reporter.final_fields())  # fmt: skip
+                            fields=reporter.close())  # fmt: skip
         raise Ignore()
-    meta = lc.finish_patiently(job_id, JobState.SUCCEEDED, result=summary, fields=reporter.final_fields(),
+    meta = lc.finish_patiently(job_id, JobState.SUCCEEDED, result=summary, fields=reporter.close(),
                                announce=False)  # fmt: skip
     if meta is None:  # ended meanwhile (a stalled job the sweep failed): that verdict stays
         raise Ignore()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,9 +49,10 @@ def png_bytes(height: int = 80, width: int = 80, seed: int = 0) -> bytes:
 class LiveStack:
     """A running Valkey + Celery worker + gunicorn web tier (what `make run` starts)."""
 
-    def __init__(self, base: str, redis_url: str, root: Path, env: dict[str, str]):
+    def __init__(self, base: str, redis_url: str, root: Path, env: dict[str, str], valkey=None):
         self.base, self.redis_url, self.root, self.env = base, redis_url, root, env
         self.ws_base = base.replace("http://", "ws://")
+        self.valkey = valkey
 
     def redis(self):
         import redis
@@ -68,37 +70,100 @@ class LiveStack:
     def job(self, job_id: str) -> dict:
         import httpx
 
-        return httpx.get(f"{self.base}/api/jobs/{job_id}").json()
+        return httpx.get(f"{self.base}/api/jobs/{job_id}", timeout=60).json()
+
+    def celery(self, *args: str, timeout: float = 60):
+        """The Celery command line a team runs (``celery -A tasks ...``) against this stack."""
+        import subprocess
+        import sys
+
+        from stack import ROOT
+
+        cmd = [sys.executable, "-m", "celery", "-A", "tasks", *args]
+        return subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    def restart_valkey(self, down_seconds: float) -> float:
+        """Stop the Valkey server, wait, start it again on the same port and data (AOF)."""
+        import time
+
+        from stack import Valkey
+
+        port, data = self.valkey.port, self.valkey.data_dir
+        self.valkey.__exit__(None, None, None)
+        stopped = time.monotonic()
+        time.sleep(down_seconds)
+        self.valkey = Valkey(data, port=port, **self.valkey.config).__enter__()
+        return time.monotonic() - stopped
+
+
+STACK_ENV = {
+    "FRAMEPACK_PROGRESS_INTERVAL": "0",
+    "FRAMEPACK_MAX_UPLOAD_BYTES": str(2 * 2**20),
+    "FRAMEPACK_TORCH_THREADS": "1",
+    "FRAMEPACK_WS_SEND_BUFFER": str(16 * 1024),
+    # short heartbeats and sweeps, so a stall or a purge shows within a test
+    "FRAMEPACK_HEARTBEAT_SECONDS": "0.5",
+    "FRAMEPACK_HEARTBEAT_TTL": "3",
+    "FRAMEPACK_SWEEP_SECONDS": "1",
+    "FRAMEPACK_PROFILE": "tiny",
+}
+
+
+@contextlib.contextmanager
+def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None = None, password: str | None = None,
+                  threads: int = 400):  # fmt: skip
+    """Valkey (append-only, restartable on its port) + one worker + the web tier, in ``root``.
+
+    With ``password``, every process connects as an ACL user ``framepack`` with it (the
+    default user stays open for the embedded server's own readiness check)."""
+    from stack import Proc, Valkey, free_port, stack_env, wait_http, web_command, worker_command
+
+    config = {"user": f"framepack on >{password} ~* &* +@all"} if password else {}
+    auth = f"framepack:{password}@" if password else ""
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        valkey = Valkey(root / "valkey", **config).__enter__()
+        redis_url = f"redis://{auth}127.0.0.1:{valkey.port}/0"
+        env = stack_env(redis_url, root / "results", {"FRAMEPACK_CACHE": str(tiny_dir.parent), **STACK_ENV,
+                                                     **(extra_env or {})})  # fmt: skip
+        live = LiveStack(f"http://127.0.0.1:{port}", redis_url, root, env, valkey)
+        stack.callback(lambda: live.valkey.__exit__(None, None, None))  # the one running now
+        stack.enter_context(Proc(worker_command(), env, root / "worker.log", echo=False, name="worker"))
+        web = stack.enter_context(Proc(web_command(port, threads=threads), env, root / "web.log", echo=False,
+                                       name="web"))  # fmt: skip
+        wait_http(live.base + "/readyz", 180, proc=web)
+        print(f"\nstack: {live.base} (logs in {root})")
+        yield live
 
 
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
-    from stack import Proc, Valkey, free_port, stack_env, wait_http, web_command, worker_command
+    with running_stack(tmp_path_factory.mktemp("stack"), tiny_dir) as stack:
+        yield stack
 
-    root = tmp_path_factory.mktemp("stack")
-    with Valkey(root / "valkey") as valkey:
-        redis_url = valkey.url + "/0"
-        env = stack_env(
-            redis_url,
-            root / "results",
-            {
-                "FRAMEPACK_CACHE": str(tiny_dir.parent),
-                "FRAMEPACK_PROGRESS_INTERVAL": "0",
-                "FRAMEPACK_MAX_UPLOAD_BYTES": str(2 * 2**20),
-                "FRAMEPACK_TORCH_THREADS": "1",
-                "FRAMEPACK_WS_SEND_BUFFER": str(16 * 1024),
-                # short heartbeats, so a stall shows within a test
-                "FRAMEPACK_HEARTBEAT_SECONDS": "0.5",
-                "FRAMEPACK_HEARTBEAT_TTL": "3",
-                "FRAMEPACK_PROFILE": "tiny",
-            },
-        )
-        port = free_port()
-        with (
-            Proc(worker_command(), env, root / "worker.log", echo=False, name="worker"),
-            Proc(web_command(port, threads=400), env, root / "web.log", echo=False, name="web") as web,
-        ):
-            base = f"http://127.0.0.1:{port}"
-            wait_http(base + "/readyz", 180, proc=web)
-            print(f"\nlive stack: {base} (logs in {root})")
-            yield LiveStack(base, redis_url, root, env)
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory):
+    """One embedded Valkey for the fast tests (no worker, no web process)."""
+    from stack import Valkey
+
+    with Valkey(tmp_path_factory.mktemp("valkey")) as v:
+        yield v
+
+
+@pytest.fixture
+def valkey_url(valkey_server) -> str:
+    """A clean database on the shared embedded Valkey."""
+    import redis
+
+    url = valkey_server.url + "/1"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture
+def settings(valkey_url: str, tmp_path: Path):
+    from tasks.settings import Settings
+
+    return Settings(redis_url=valkey_url, broker_url=valkey_url, result_backend=valkey_url,
+                    results_dir=tmp_path / "results", heartbeat_ttl=3, redis_retry_seconds=2)  # fmt: skip

@@ -97,7 +97,8 @@ def test_sse_compat_stream_carries_previews_then_status(live):
     assert events[-1][0] == "status" and events[-1][1]["status"] == "completed"
     assert events[-1][1]["progress"] == 100
     progress = [d for n, d in events if n == "progress"]
-    assert all(a != b for a, b in zip(progress, progress[1:], strict=False)), "a progress event repeated"
+    dupes = [(a, b) for a, b in zip(progress, progress[1:], strict=False) if a == b]
+    assert not dupes, f"a progress event repeated: {dupes[:1]} of {[(d['progress_info']) for d in progress]}"
     processing = [d for d in progress if d["status"] == "processing"]
     assert any("preview_image_base64" in d for d in processing)
     _jpeg(next(d["preview_image_base64"] for d in processing if "preview_image_base64" in d))

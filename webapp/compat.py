@@ -50,7 +50,8 @@ def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
         "progress": round(100.0 * float(view.get("progress") or 0), 1),
         "progress_step": done if view["state"] != JobState.SUCCEEDED.value else total,
         "progress_total": total,
-        "progress_info": view.get("error") or view.get("message") or view.get("stage") or view["status"],
+        "progress_info": view.get("reason") or view.get("error") or view.get("message") or view.get("stage")
+        or view["status"],
     }
 
 

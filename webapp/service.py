@@ -41,7 +41,8 @@ class Service:
         self.celery = celery or make_celery(client=True)
         self.results_dir = settings.results_dir
         self.lifecycle = Lifecycle(self.redis, settings, self._announce)
-        self.sweeper = Sweeper(self.lifecycle, Broker(self.celery), self.remove_files)
+        nodes = lambda: {w["node"] for w in self.workers() if w.get("node")}  # noqa: E731
+        self.sweeper = Sweeper(self.lifecycle, Broker(self.celery, nodes), self.remove_files)
 
     def _announce(self, job_id: str, event: str, fields: dict[str, Any]) -> None:
         """A Celery task event from the web tier (a job it ended), so Flower shows the end."""
