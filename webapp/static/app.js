@@ -370,6 +370,8 @@ async function refreshSummary(id) {
 }
 
 function watchQueue() {
+  // Every feed event carries what changed: the job's row when the publisher has it, and the
+  // queue position it left (every queued job behind it moves up one): no re-reading needed.
   new Stream("/ws/jobs", {
     onMessage: (m) => {
       if (m.type === "snapshot") {
@@ -378,13 +380,18 @@ function watchQueue() {
         renderQueue();
         return;
       }
-      const known = queueJobs.get(m.job_id);
-      if (!known || m.event === "submitted" || m.event === "finished" || TERMINAL.has(m.state) || m.seq === 0) {
-        refreshSummary(m.job_id); // positions of the others move too, but the next event refreshes them
-        for (const [id, j] of queueJobs) if (j.state === "queued" && id !== m.job_id) refreshSummary(id);
-        return;
+      if (m.left_position) {
+        for (const j of queueJobs.values()) {
+          if (j.state === "queued" && j.position > m.left_position && j.id !== m.job_id) j.position -= 1;
+        }
       }
-      queueJobs.set(m.job_id, { ...known, state: m.state, progress: m.progress ?? known.progress });
+      if (m.event === "deleted") queueJobs.delete(m.job_id);
+      else if (m.job) queueJobs.set(m.job_id, m.job);
+      else if (queueJobs.has(m.job_id)) {
+        const known = queueJobs.get(m.job_id);
+        queueJobs.set(m.job_id, { ...known, state: m.state, position: null, progress: m.progress ?? known.progress,
+                                  section: m.section ?? known.section, sections: m.sections ?? known.sections });
+      } else refreshSummary(m.job_id); // started before this page saw it
       renderQueue();
     },
   });
