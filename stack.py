@@ -178,7 +178,7 @@ def stack_env(redis_url: str, results_dir: Path, extra: dict[str, str] | None = 
     """The environment for worker and web: os.environ plus the stack's settings (`extra` wins)."""
     env = {**os.environ, "REDIS_URL": redis_url, "RESULTS_DIR": str(results_dir), "PYTHONUNBUFFERED": "1"}
     env.update(extra or {})
-    env.setdefault("FRAMEPACK_PROFILE", "tiny")
+    env.setdefault("FRAMEPACK_PROFILE", "tiny")  # (tasks.settings.DEFAULT_PROFILE; stack.py stays import-light)
     return env
 
 
@@ -189,12 +189,14 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> int:
+    from tasks.settings import DEFAULT_PROFILE, Settings, mask_url
+
     port = int(os.environ.get("PORT", "8000"))
-    profile = os.environ.get("FRAMEPACK_PROFILE") or "tiny"
-    results = Path(os.environ.get("RESULTS_DIR") or ROOT / "var" / "results").resolve()
+    settings = Settings.from_env({"RESULTS_DIR": str(ROOT / "var" / "results"), **os.environ})
+    profile, results = settings.profile, settings.results_dir
     external = os.environ.get("REDIS_URL")
     print(f"profile: {profile}", flush=True)
-    if profile == "tiny":
+    if profile == DEFAULT_PROFILE:
         print("the tiny profile's videos are noise: it runs the real pipeline with random weights", flush=True)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
@@ -202,7 +204,8 @@ def main() -> int:
         with contextlib.ExitStack() as stack:  # unwinds in reverse: web, worker, Valkey
             valkey = None if external else stack.enter_context(Valkey(ROOT / "var" / "valkey"))
             redis_url = external or (valkey.url if valkey else "")
-            print(f"redis: {redis_url}" + (" (from REDIS_URL)" if external else " (embedded Valkey)"), flush=True)
+            where = " (from REDIS_URL)" if external else " (embedded Valkey)"
+            print(f"redis: {mask_url(redis_url)}{where}", flush=True)
             env = stack_env(redis_url, results, {"FRAMEPACK_PROFILE": profile})
             logs = ROOT / "var" / "log"
             worker = stack.enter_context(Proc(worker_command(), env, logs / "worker.log", name="worker"))

@@ -132,8 +132,8 @@ def _publish(stack: BenchStack, job_id: str, updates: int, rate: float) -> list[
     from diffusers_helper.preview import LatentToRGB, make_preview
     from tasks.app import make_celery
     from tasks.lifecycle import Lifecycle
-    from tasks.settings import Settings
     from tasks.reporter import Reporter
+    from tasks.settings import Settings
 
     app = make_celery()
     app.conf.update(result_backend=stack.redis_url, broker_url=stack.redis_url)

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .params import JobParams, Variant, field_errors
+from .profiles import DEFAULT_PROFILE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--seed", type=int, default=None, help="absent or -1: random (recorded)")
     g.add_argument("--model", choices=[v.value for v in Variant], default=Variant.FRAMEPACK.value)
-    g.add_argument("--profile", default=os.environ.get("FRAMEPACK_PROFILE", "tiny"), help="tiny | hf | DIR")
+    g.add_argument("--profile", default=os.environ.get("FRAMEPACK_PROFILE", DEFAULT_PROFILE), help="tiny | hf | DIR")
     g.add_argument("--resolution", type=int, default=None, help="bucket base (profile default)")
     g.add_argument("--end-image", type=Path, default=None)
     g.add_argument("--window", type=int, default=None, help="latent_window_size")
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--previews", type=Path, default=None, help="directory for preview JPEGs")
     g.add_argument("-o", "--output", type=Path, required=True)
     d = sub.add_parser("demo", help="generate a 2-second video from a built-in picture")
-    d.add_argument("--profile", default=os.environ.get("FRAMEPACK_PROFILE", "tiny"))
+    d.add_argument("--profile", default=os.environ.get("FRAMEPACK_PROFILE", DEFAULT_PROFILE))
     d.add_argument("-o", "--output", type=Path, default=Path("results/demo.mp4"))
     return ap
 

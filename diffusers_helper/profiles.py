@@ -35,6 +35,8 @@ HF_TRANSFORMERS = {
     Variant.FRAMEPACK: "lllyasviel/FramePackI2V_HY",
     Variant.FRAMEPACK_F1: "lllyasviel/FramePack_F1_I2V_HY_20250503",
 }
+#: The profile when none is named: tiny random weights (its videos are noise).
+DEFAULT_PROFILE = "tiny"
 #: Above this much free GPU memory everything stays on the GPU (FramePack's own rule).
 HIGH_VRAM_GB = 60.0
 
@@ -76,7 +78,7 @@ def local_profile(directory: str | Path, name: str | None = None) -> Profile:
     )
 
 
-def resolve_profile(spec: str = "tiny", cache_dir: str | Path | None = None) -> Profile:
+def resolve_profile(spec: str = DEFAULT_PROFILE, cache_dir: str | Path | None = None) -> Profile:
     """``tiny`` | ``hf`` | a directory -> :class:`Profile` (building the tiny one if needed)."""
     if spec == "tiny":
         d = ensure_tiny(Path(cache_dir) if cache_dir else None)

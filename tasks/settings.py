@@ -22,8 +22,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-#: The model profile when none is named: tiny random weights (its videos are noise).
-DEFAULT_PROFILE = "tiny"
+from diffusers_helper.profiles import DEFAULT_PROFILE
 
 
 def _num(env: Mapping[str, str], name: str, default: float, kind: type = float) -> Any:

@@ -239,7 +239,7 @@ def test_queue_positions_and_cancel(live):
     assert final["state"] == "cancelled" and len(final["sections_done"]) >= 1
     kept = httpx.get(live.base + final["sections_done"][0]["url"])
     assert kept.status_code == 200
-    assert httpx.get(f"{live.base}/api/jobs/{blocker['id']}/video").status_code == 404
+    assert httpx.get(f"{live.base}/api/jobs/{blocker['id']}/video").status_code == 409  # cancelled: no final video
 
     for j in (queued[0], queued[2]):
         assert _final_state(live, j["id"])["state"] == "succeeded"

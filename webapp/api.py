@@ -147,17 +147,19 @@ def _mp4(job_id: str, name: str | None) -> Response:
 def job_video(job_id: str) -> Response:
     view = view_or_404(job_id)
     if view["state"] != JobState.SUCCEEDED.value:
-        raise ApiError(404, f"state: no final video, the job is {view['state']}", "state")
+        raise ApiError(409, f"state: no final video, the job is {view['state']}", "state")
     record = service().record(job_id) or {}
     return _mp4(job_id, (record.get("result") or {}).get("video"))
 
 
 @bp.get("/api/jobs/<job_id>/sections/<int:k>")
 def job_section(job_id: str, k: int) -> Response:
-    view_or_404(job_id)
+    view = view_or_404(job_id)
     latest = service().latest_meta(job_id)
     done = latest[1].get("sections_done", []) if latest else []
     name = next((s["file"] for s in done if s.get("section") == k), None)
+    if name is None and JobState(view["state"]) not in TERMINAL and k >= 1 and k <= (view["sections"] or k):
+        raise ApiError(409, f"state: section {k} is not written yet, the job is {view['state']}", "state")
     return _mp4(job_id, name)
 
 

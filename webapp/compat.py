@@ -31,11 +31,18 @@ BACK = {v: k for k, v in RENAMES.items()}
 
 
 def _translate_form() -> None:
+    """The legacy names onto the schema's; fields the schema does not know are ignored, as
+    the original (FastAPI) server ignores them."""
+    from diffusers_helper.params import JobParams
+
+    known = set(JobParams.model_fields)
     form = MultiDict()
     for key, value in request.form.items(multi=True):
         if key == "sampling_mode":
             value = MODES.get(value, value)
-        form.add(RENAMES.get(key, key), value)
+        name = RENAMES.get(key, key)
+        if name in known:
+            form.add(name, value)
     request.form = form  # type: ignore[misc]
 
 

@@ -9,6 +9,7 @@ nothing here is a second copy of a schema.  ``schemathesis`` checks replies agai
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -35,6 +36,48 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
+    """A form field is a string or absent, never null: keep the non-null branch of
+    ``anyOf: [X, {type: null}]``."""
+    branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+    if len(branches) != 1:
+        return prop
+    return {**branches[0], **{k: v for k, v in prop.items() if k not in ("anyOf", "default")}}
+
+
+#: The original API's names for two fields (``webapp/compat.py``).
+LEGACY_NAMES = {"total_second_length": "video_length", "model": "sampling_mode"}
+LEGACY_MODE = {"type": "string", "enum": ["reverse", "forward"], "default": "reverse"}
+#: JobParams' cross-field rule: the forward-sampling F1 model takes no end image.
+F1_NO_END = {"not": {"required": ["end_image", "model"], "properties": {"model": {"const": "framepack-f1"}}}}
+#: One Server-Sent Event as schemathesis (and a client) parses it.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"event": {"type": "string", "enum": ["progress", "status"]}, "data": {"type": "string"}}}  # fmt: skip
+
+
+#: Operations that take the id of a job just created (OpenAPI links: a client, or a fuzzer,
+#: can follow a submission to them).
+JOB_OPERATIONS = {
+    "getJob": "GET /api/jobs/{job_id}", "cancelJob": "POST /api/jobs/{job_id}/cancel",
+    "deleteJob": "DELETE /api/jobs/{job_id}", "getVideo": "GET /api/jobs/{job_id}/video",
+    "getInput": "GET /api/jobs/{job_id}/input", "legacyStatus": "GET /status/{job_id}",
+    "legacyResult": "GET /result/{job_id}", "legacyCancel": "POST /cancel/{job_id}",
+}  # fmt: skip
+
+
+def _links(job_id: str) -> dict[str, Any]:
+    return {f"to_{op}": {"operationId": op, "parameters": {"job_id": job_id}} for op in JOB_OPERATIONS}
+
+
+def _with_operation_ids(doc: dict[str, Any]) -> dict[str, Any]:
+    by_route = {route: op for op, route in JOB_OPERATIONS.items()}
+    for path, methods in doc["paths"].items():
+        for method, operation in methods.items():
+            route = f"{method.upper()} {path}"
+            operation["operationId"] = by_route.get(route) or re.sub(r"\W+", "_", route.lower()).strip("_")
+    return doc
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     defs: dict[str, Any] = {}
@@ -46,6 +89,8 @@ def document() -> dict[str, Any]:
     }
     params = schemas["JobParams"]
     submit_props = {k: v for k, v in params["properties"].items() if k != "end_image"}
+    form_props = {k: _form_field(v) for k, v in submit_props.items()}
+    legacy_props = {LEGACY_NAMES.get(k, k): LEGACY_MODE if k == "model" else v for k, v in form_props.items()}
     binary = {"type": "string", "format": "binary"}
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     err = _json(_ref("Error"), "Error naming the field")
@@ -58,7 +103,7 @@ def document() -> dict[str, Any]:
     def responses(**codes: Any) -> dict[str, Any]:
         return {**{k.lstrip("_"): v for k, v in codes.items()}, **common}
 
-    return {
+    return _with_operation_ids({
         "openapi": "3.1.0",
         "info": {
             "title": "framepack-celery",
@@ -74,13 +119,17 @@ def document() -> dict[str, Any]:
                         "required": True,
                         "content": {
                             "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
-                                "properties": {"image": binary, "end_image": binary, **submit_props}}},
+                                "additionalProperties": False,
+                                "properties": {"image": binary, "end_image": binary, **form_props}}},
                             "application/json": {"schema": {"type": "object", "required": ["image"],
-                                "properties": {"image": {"type": "string", "description": "base64 or data URL"},
-                                               "end_image": {"type": "string"}, **submit_props}}},
+                                "additionalProperties": False, **F1_NO_END,
+                                "properties": {"image": {"type": "string", "minLength": 1,
+                                                         "description": "base64 or a data URL"},
+                                               "end_image": {"type": "string", "minLength": 1}, **submit_props}}},
                         },
                     },  # fmt: skip
-                    "responses": responses(_202=job, _400=err, _413=err, _415=err, _422=err),
+                    "responses": responses(_202={**job, "links": _links("$response.body#/id")}, _400=err, _413=err,
+                                           _415=err, _422=err),
                 },
                 "get": {
                     "summary": "List jobs, newest first",
@@ -99,14 +148,15 @@ def document() -> dict[str, Any]:
             },  # fmt: skip
             "/api/jobs/{job_id}/cancel": {"post": {"summary": "Cancel (cooperative)", "parameters": job_id,
                 "responses": responses(_202=job, _404=not_found, _409=err)}},
-            "/api/jobs/{job_id}/video": {"get": {"summary": "Final video", "parameters": job_id,
-                "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"}, _404=not_found,
-                                       _416=err)}},
-            "/api/jobs/{job_id}/sections/{k}": {"get": {"summary": "The video as written after section k",
+            "/api/jobs/{job_id}/video": {"get": {"summary": "Final video (409 until the job succeeded)",
+                "parameters": job_id, "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"},
+                                                             _404=not_found, _409=err, _416=err)}},
+            "/api/jobs/{job_id}/sections/{k}": {"get": {"summary": "The video as written after section k (409 while "
+                "the job may still write it)",
                 "parameters": job_id + [{"name": "k", "in": "path", "required": True,
                                           "schema": {"type": "integer", "minimum": 0}}],
                 "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"}, _404=not_found,
-                                       _416=err)}},
+                                       _409=err, _416=err)}},
             "/api/jobs/{job_id}/input": {"get": {"summary": "Normalised input image", "parameters": job_id,
                 "responses": responses(_200={"description": "image/png", "content": {"image/png": {"schema": binary}}},
                                        _304={"description": "Not modified"}, _404=not_found)}},
@@ -117,24 +167,27 @@ def document() -> dict[str, Any]:
                                 "responses": {"200": _json({"type": "object"}, "Ready"),
                                               "503": _json({"type": "object"}, "Not ready, with the reason")}}},
             "/generate": {"post": {"summary": "Original API: submit (video_length, sampling_mode reverse|forward)",
-                "responses": responses(_200=_json({"type": "object"}, "{job_id, message}"), _400=err, _413=err,
-                                       _415=err, _422=err)}},
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object",
+                    "required": ["image"], "properties": {"image": binary, "end_image": binary, **legacy_props}}}}},
+                "responses": responses(_200={**_json({"type": "object"}, "{job_id, message}"),
+                                             "links": _links("$response.body#/job_id")},
+                                       _400=err, _413=err, _415=err, _422=err)}},
             "/status/{job_id}": {"get": {"summary": "Original API: status (progress 0-100)", "parameters": job_id,
                 "responses": responses(_200=_json({"type": "object"}, "Status"), _404=not_found)}},
             "/stream/status/{job_id}": {"get": {"summary": "Original API: Server-Sent Events (progress with "
                 "preview_image_base64, then status)", "parameters": job_id,
                 "responses": responses(_200={"description": "text/event-stream",
-                                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                             "content": {"text/event-stream": {"schema": SSE_EVENT}}},
                                        _404=not_found)}},
             "/result/{job_id}": {"get": {"summary": "Original API: result", "parameters": job_id,
                 "responses": responses(_200=_json({"type": "object"}, "Result"), _404=not_found)}},
             "/download/video/{job_id}": {"get": {"summary": "Original API: download the video", "parameters": job_id,
                 "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"}, _404=not_found,
-                                       _416=err)}},
+                                       _409=err, _416=err)}},
             "/cancel/{job_id}": {"post": {"summary": "Original API: cancel", "parameters": job_id,
                 "responses": responses(_202=job, _404=not_found, _409=err)}},
             "/queue": {"get": {"summary": "Original API: queue",
                                "responses": responses(_200=_json({"type": "object"}, "Queued and processing jobs"))}},
         },  # fmt: skip
         "components": {"schemas": {**defs, **schemas}},
-    }
+    })
