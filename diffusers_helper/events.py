@@ -36,6 +36,8 @@ class Progress:
     steps: int
     eta_seconds: float | None
     elapsed_seconds: float
+    #: The prompt this section samples with (timestamped prompts change it between sections).
+    prompt: str | None = None
 
     @property
     def message(self) -> str:

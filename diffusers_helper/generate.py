@@ -1,14 +1,16 @@
 """Run one FramePack job in-process and report what happens inside it.
 
 :func:`generate` reads top to bottom in the order the data moves, like a diffusers
-pipeline: resolve parameters -> pick the pipeline -> encode the prompt -> fit and encode
-the image -> sample section by section (previews and progress every step, the video so
+pipeline: resolve parameters and the prompt of each section -> pick the pipeline and its
+LoRAs -> encode each distinct prompt once -> fit and encode the image -> sample section by
+section (:mod:`diffusers_helper.sampler`: previews and progress every step, the video so
 far after every section) -> write the final mp4 and its JSON sidecar.  Everything it
 needs comes in as arguments; it knows nothing of queues or HTTP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,12 +24,13 @@ import torch
 from PIL import Image
 
 from . import events as ev
+from . import prompts
 from .buckets import fit_to_bucket, resize_and_center_crop
-from .observe import capture_cond_output, tap_sections
 from .params import FPS, JobParams, Variant
 from .preview import LatentToRGB, make_preview
 from .profiles import Models
-from .sections import TEMPORAL_RATIO, output_seconds, pipeline_num_frames, section_count
+from .sampler import PromptCond, Sampler
+from .sections import TEMPORAL_RATIO, output_seconds, section_count
 from .stepcache import StepCache
 from .video import video_tensor_to_frames, write_mp4
 
@@ -86,6 +89,10 @@ class GenerationResult:
     transformer_calls: int = 0
     sidecar: Path | None = None
     input_image: Path | None = None
+    #: The prompt of each section in time order (``prompts.SectionPrompt`` as dicts).
+    prompt_schedule: list[dict[str, Any]] = field(default_factory=list)
+    #: The LoRAs applied: name, weight, file hash, format.
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def seed(self) -> int:
@@ -122,12 +129,14 @@ def generate(
     output: OutputLayout,
     end_image: Image.Image | None = None,
     cache_threshold: float = TEACACHE_THRESHOLD,
+    lora_dir: Path | None = None,
 ) -> GenerationResult:
     """Generate one video; returns a result whose ``status`` is succeeded or cancelled.
 
     ``on_event`` receives :mod:`diffusers_helper.events`; ``should_cancel`` is polled at
     every stage and every sampling step, and a ``True`` stops at once, keeping the
-    sections already written (no final video is claimed).
+    sections already written (no final video is claimed).  ``lora_dir`` holds the files
+    ``params.loras`` names.
     """
     emit = on_event or (lambda _e: None)
     cancelled = should_cancel or (lambda: False)
@@ -144,130 +153,111 @@ def generate(
         timings[name] = round(now - since, 4)
         return now
 
-    # 1. Resolve what "random" and "default" mean for this run.
+    # 1. Resolve what "random" and "default" mean for this run, and the prompt of each section.
     params = params.with_seed().with_resolution(models.profile.default_resolution)
     if end_image is not None and params.model is not Variant.FRAMEPACK:
         raise ValueError("end_image: the framepack-f1 model cannot take an end image")
     variant, lws, steps = params.model, params.latent_window_size, params.steps
     sections = section_count(params.total_second_length, lws)
+    timeline = prompts.schedule(params.prompt, params.prompts, sections, lws)
+    in_order = prompts.generation_order(timeline, variant)
+    blends = prompts.blend_weights([p.text for p in in_order], params.prompt_blend_sections)
     output.directory.mkdir(parents=True, exist_ok=True)
-    result = GenerationResult(status="cancelled", params=params, sections=sections, timings=timings)
+    result = GenerationResult(status="cancelled", params=params, sections=sections, timings=timings,
+                              prompt_schedule=[dataclasses.asdict(p) for p in timeline])  # fmt: skip
     emit(ev.Stage(ev.STAGE_STARTING))
 
     try:
         check_cancel()
-        # 2. The pipeline for this variant (loads its transformer on first use).
+        # 2. The pipeline for this variant (loads its transformer on first use), its LoRAs.
         emit(ev.Stage(ev.STAGE_LOADING))
         t = time.perf_counter()
         pipe = models.pipeline(variant, params.gpu_memory_preservation)
-        device = pipe._execution_device
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        t = lap("load", t)
+        with models.loras.applied(pipe.transformer, params.loras, lora_dir) as loras:
+            result.loras = loras
+            t = lap("load", t)
 
-        # 3. Text.
-        check_cancel()
-        emit(ev.Stage(ev.STAGE_TEXT))
-        template = fitted_prompt_template(pipe.tokenizer)
-        do_cfg = params.cfg > 1
-        embeds, pooled, mask = pipe.encode_prompt(
-            prompt=params.prompt, prompt_2=None, prompt_template=template, device=device,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )  # fmt: skip
-        negative: dict[str, Any] = {}
-        if do_cfg:
-            n_embeds, n_pooled, n_mask = pipe.encode_prompt(
-                prompt=params.n_prompt, prompt_2=None, prompt_template=template, device=device,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-            )  # fmt: skip
-            negative = dict(
-                negative_prompt_embeds=n_embeds,
-                negative_pooled_prompt_embeds=n_pooled,
-                negative_prompt_attention_mask=n_mask,
-            )
-        t = lap("text_encoding", t)
-
-        # 4. Image: nearest bucket, resize + centre crop; the end image to the same size.
-        check_cancel()
-        emit(ev.Stage(ev.STAGE_IMAGE))
-        start = fit_to_bucket(image, params.resolution)
-        height, width = start.height, start.width
-        result.width, result.height = width, height
-        start.save(output.input_image)
-        result.input_image = output.input_image
-        last = None
-        if end_image is not None:
-            last = resize_and_center_crop(end_image, height, width)
-            last.save(output.end_image)
-        t = lap("image_processing", t)
-
-        # 5. Sample.  The pipeline VAE-encodes the start frame, encodes it with SigLIP and
-        #    runs the sections; only sampling is observable from here, so those stages are
-        #    announced as it begins.
-        check_cancel()
-        for stage in (ev.STAGE_VAE, ev.STAGE_CLIP, ev.STAGE_SAMPLING):
-            emit(ev.Stage(stage))
-        mapper = LatentToRGB(pipe.transformer.config.out_channels)
-        total_steps = sections * steps
-        state = {"section": 0, "written": 0, "history": None}
-        t_sampling = time.perf_counter()
-
-        def on_step(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            if i == 0:  # the step index restarts every section; count sections ourselves
-                state["section"] += 1
+            # 3. Text: each distinct prompt once.
             check_cancel()
-            k, s = state["section"], i + 1
-            x0 = pipe.scheduler.x0 if pipe.scheduler.x0 is not None else kwargs["latents"]
-            emit(ev.PreviewReady(make_preview(x0, mapper), section=k, step=s))
-            done = (k - 1) * steps + s
-            elapsed = time.perf_counter() - t_sampling
-            eta = elapsed / done * (total_steps - done)
-            emit(ev.Progress(done / total_steps, k, sections, s, steps, round(eta, 3), round(elapsed, 3)))
-            return {}
+            emit(ev.Stage(ev.STAGE_TEXT))
+            template = fitted_prompt_template(pipe.tokenizer)
+            encoded: dict[str, PromptCond] = {}
 
-        def on_history(video: torch.Tensor) -> None:
-            state["written"] += 1
-            k = state["written"]
-            frames = video_tensor_to_frames(video)
-            path = write_mp4(output.section(k), frames, crf=params.mp4_crf)
-            state["history"] = video
-            result.section_videos.append(path)
-            result.frames = len(frames)  # the video so far; the final count replaces it below
-            emit(ev.SectionDone(k, sections, path, len(frames), output_seconds(len(frames))))
+            def encode(text: str) -> PromptCond:
+                if text not in encoded:
+                    embeds, pooled, mask = pipe.encode_prompt(
+                        prompt=text, prompt_2=None, prompt_template=template, device=pipe._execution_device,
+                        max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    )  # fmt: skip
+                    dtype = pipe.transformer.dtype
+                    encoded[text] = PromptCond(embeds.to(dtype), pooled.to(dtype), mask.to(dtype))
+                return encoded[text]
 
-        cache = StepCache(pipe.transformer, params.use_teacache, cache_threshold, 2 if do_cfg else 1)
-        try:
-            pipe.scheduler.rescale = params.rs if do_cfg else 0.0  # FramePack: rs only with real CFG
-            with cache, tap_sections(pipe, on_history), capture_cond_output(pipe, 2 if do_cfg else 1):
-                pipe(
-                    image=start,
-                    last_image=last,
-                    prompt_embeds=embeds,
-                    pooled_prompt_embeds=pooled,
-                    prompt_attention_mask=mask,
-                    **negative,
-                    true_cfg_scale=params.cfg,
-                    guidance_scale=params.gs,
-                    height=height,
-                    width=width,
-                    num_frames=pipeline_num_frames(sections, lws),
-                    latent_window_size=lws,
-                    num_inference_steps=steps,
-                    generator=generator,
-                    output_type="pt",
-                    callback_on_step_end=on_step,
-                    callback_on_step_end_tensor_inputs=["latents"],
-                    prompt_template=template,
-                    max_sequence_length=MAX_SEQUENCE_LENGTH,
-                    sampling_type="inverted_anti_drifting" if variant is Variant.FRAMEPACK else "vanilla",
-                )
-        finally:
-            result.cache_skipped_steps = cache.skipped
-            result.transformer_calls = cache.calls
-            timings["sampling"] = round(time.perf_counter() - t_sampling, 4)
+            conds = [encode(a).blend(encode(b), alpha) for a, b, alpha in blends]
+            negative = encode(params.n_prompt) if params.cfg > 1 else None
+            t = lap("text_encoding", t)
 
-        # 6. The final video: the pipeline's history, trimmed as the pipeline trims it.
+            # 4. Image: nearest bucket, resize + centre crop; the end image to the same size.
+            check_cancel()
+            emit(ev.Stage(ev.STAGE_IMAGE))
+            start = fit_to_bucket(image, params.resolution)
+            height, width = start.height, start.width
+            result.width, result.height = width, height
+            start.save(output.input_image)
+            result.input_image = output.input_image
+            last = None
+            if end_image is not None:
+                last = resize_and_center_crop(end_image, height, width)
+                last.save(output.end_image)
+            t = lap("image_processing", t)
+
+            # 5. Sample, section by section (previews and progress every step, the video so far
+            #    after every section).
+            mapper = LatentToRGB(pipe.transformer.config.out_channels)
+            total_steps = sections * steps
+            t_sampling = time.perf_counter()
+
+            def on_step(k: int, s: int, x0: torch.Tensor) -> None:
+                check_cancel()
+                emit(ev.PreviewReady(make_preview(x0, mapper), section=k, step=s))
+                done = (k - 1) * steps + s
+                elapsed = time.perf_counter() - t_sampling
+                eta = elapsed / done * (total_steps - done)
+                emit(ev.Progress(done / total_steps, k, sections, s, steps, round(eta, 3), round(elapsed, 3),
+                                 prompt=in_order[k - 1].text))  # fmt: skip
+
+            sampler = Sampler(pipe, variant=variant, sections=sections, latent_window_size=lws, steps=steps,
+                              height=height, width=width, guidance_scale=params.gs, true_cfg_scale=params.cfg,
+                              rescale=params.rs, generator=generator, on_step=on_step)  # fmt: skip
+            cache = StepCache(pipe.transformer, params.use_teacache, cache_threshold, 2 if negative else 1)
+            try:
+                check_cancel()
+                for stage in (ev.STAGE_VAE, ev.STAGE_CLIP):
+                    emit(ev.Stage(stage))
+                sampler.encode_images(start, last)
+                emit(ev.Stage(ev.STAGE_SAMPLING))
+                with cache:
+                    for k in range(sections):
+                        video = sampler.run_section(conds[k], negative)
+                        if not torch.isfinite(video).all():
+                            raise ValueError(
+                                f"section {k + 1} decoded to NaN or infinite values (a LoRA weight too high, or "
+                                "fp16 overflow): nothing to write"
+                            )
+                        frames = video_tensor_to_frames(video)
+                        path = write_mp4(output.section(k + 1), frames, crf=params.mp4_crf)
+                        result.section_videos.append(path)
+                        result.frames = len(frames)  # the video so far; the final count replaces it below
+                        emit(ev.SectionDone(k + 1, sections, path, len(frames), output_seconds(len(frames))))
+            finally:
+                result.cache_skipped_steps = cache.skipped
+                result.transformer_calls = cache.calls
+                timings["sampling"] = round(time.perf_counter() - t_sampling, 4)
+
+        # 6. The final video: the history, trimmed to whole latent frames as the pipeline does.
         t = time.perf_counter()
-        history = state["history"]
+        history = sampler.state.history_video
         n = (history.shape[2] - 1) // TEMPORAL_RATIO * TEMPORAL_RATIO + 1
         frames = video_tensor_to_frames(history[:, :, :n])
         result.video = write_mp4(output.video, frames, crf=params.mp4_crf)
@@ -307,6 +297,8 @@ def sidecar(result: GenerationResult, models: Models) -> dict[str, Any]:
         "video": result.video.name if result.video else None,
         "section_videos": [v.name for v in result.section_videos],
         "input_image": result.input_image.name if result.input_image else None,
+        "prompt_schedule": result.prompt_schedule,
+        "loras": result.loras,
         "cache": {
             "enabled": p.use_teacache,
             "transformer_calls": result.transformer_calls,

@@ -18,6 +18,8 @@ __all__ = [
     "FPS",
     "MAX_SEED",
     "JobParams",
+    "LoraSpec",
+    "PromptSpan",
     "ValidationError",
     "Variant",
     "field_errors",
@@ -38,6 +40,31 @@ class Variant(StrEnum):
     FRAMEPACK = "framepack"
     #: FramePack-F1: samples forward ("vanilla"); no end image.
     FRAMEPACK_F1 = "framepack-f1"
+
+
+#: LoRA file names: letters, digits, dot, dash, underscore; no path (the LoRA directory's files only).
+LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class LoraSpec(BaseModel):
+    """One LoRA of a job: a file of the LoRA directory and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=LORA_NAME, title="LoRA file", description="A file in FRAMEPACK_LORA_DIR (the "
+                      ".safetensors suffix may be left out); GET /api/loras lists them.")  # fmt: skip
+    weight: float = Field(1.0, ge=-4, le=4, title="Weight", description="Adapter weight (0 = off).")
+
+
+class PromptSpan(BaseModel):
+    """A prompt for a stretch of the video (seconds from its start; ``end`` null = until the
+    next span starts, or the end).  Times snap to sections, and every span gets at least one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: float = Field(ge=0, le=120, title="Start (s)")
+    end: float | None = Field(None, ge=0, le=120, title="End (s)")
+    text: str = Field(max_length=4000, title="Prompt")
 
 
 def random_seed() -> int:
@@ -100,6 +127,23 @@ class JobParams(BaseModel):
         ge=32,
         le=1280,
         description="Bucket base in pixels; absent means the profile's default.",
+    )
+    prompts: list[PromptSpan] | None = Field(
+        None,
+        title="Timestamped prompts",
+        max_length=64,
+        description="Prompts over time, [{start, end, text}] in seconds; or write "
+        "'[0s: a man waves] [2s-4s: he jumps]' in the prompt (text outside brackets is the default).",
+    )
+    prompt_blend_sections: int = Field(
+        0,
+        title="Prompt blend (sections)",
+        ge=0,
+        le=10,
+        description="Sections over which the embeddings move from one prompt to the next (0 = switch at once).",
+    )
+    loras: list[LoraSpec] = Field(
+        default_factory=list, title="LoRAs", max_length=8, description="LoRA files and weights for this job."
     )
     end_image: str | None = Field(
         None,

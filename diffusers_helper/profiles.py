@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .lora import LoraCache
 from .params import Variant
 from .tiny import TINY_RESOLUTION, ensure_tiny
 
@@ -250,6 +251,8 @@ class Models:
     _shared: dict[str, Any] | None = None
     _transformers: dict[Variant, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The LoRA adapters loaded into the transformers (per job: only that job's are active).
+    loras: LoraCache = field(default_factory=LoraCache)
 
     def load_shared(self) -> dict[str, Any]:
         if self._shared is not None:
@@ -315,9 +318,7 @@ class Models:
 
     def pipeline(self, variant: Variant, gpu_memory_preservation: float = 6.0) -> Any:
         """A pipeline for ``variant`` sharing the loaded components (cheap to build)."""
-        from diffusers import HunyuanVideoFramepackPipeline
-
-        from .observe import X0Scheduler
+        from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
 
         with self._lock:
             shared = self.load_shared()
@@ -327,7 +328,7 @@ class Models:
             tokenizer=shared["tokenizer"],
             transformer=transformer,
             vae=shared["vae"],
-            scheduler=X0Scheduler.from_config(shared["scheduler_config"]),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(shared["scheduler_config"]),
             text_encoder_2=shared["text_encoder_2"],
             tokenizer_2=shared["tokenizer_2"],
             image_encoder=shared["image_encoder"],

@@ -128,12 +128,14 @@ class Lifecycle:
 
     # -- queued ----------------------------------------------------------------------------
     def submit(self, job_id: str, params: dict[str, Any], profile: str, image_png: bytes,
-               end_png: bytes | None) -> dict[str, Any]:  # fmt: skip
+               end_png: bytes | None, batch: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Record a queued job and its input, all or nothing (before it is dispatched)."""
         now = time.time()
         number = self.r.incr(Keys.SUBMITTED)
         record = {"id": job_id, "state": JobState.QUEUED.value, "params": json.dumps(params), "profile": profile,
                   "created_at": repr(now), "attempts": "0", "seq": "0"}  # fmt: skip
+        if batch is not None:
+            record["batch"] = batch
         p = self.r.pipeline(transaction=True)
         p.hset(Keys.job(job_id), mapping=record)
         p.expire(Keys.job(job_id), self.ttl)
@@ -148,6 +150,17 @@ class Lifecycle:
         view = build_view(rec, None, position=(rank or 0) + 1, alive=False, heartbeat_ttl=self.settings.heartbeat_ttl)
         self.r.publish(Keys.EVENTS, feed_event("submitted", job_id, JobState.QUEUED, summary=summary_of(view)))
         return view
+
+    def record_batch(self, batch_id: str, job_ids: list[str], errors: list[dict[str, Any]]) -> None:
+        """A batch: its jobs (each already submitted) and the entries refused at submit."""
+        p = self.r.pipeline(transaction=True)
+        p.hset(Keys.batch(batch_id), mapping={"id": batch_id, "created_at": repr(time.time()),
+                                              "count": len(job_ids), "errors": json.dumps(errors)})  # fmt: skip
+        if job_ids:
+            p.rpush(Keys.batch_jobs(batch_id), *job_ids)
+        p.expire(Keys.batch(batch_id), self.ttl)
+        p.expire(Keys.batch_jobs(batch_id), self.ttl)
+        p.execute()
 
     def discard(self, job_id: str) -> None:
         """Undo :meth:`submit` (dispatch failed): nothing half-written stays."""

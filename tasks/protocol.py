@@ -101,6 +101,14 @@ class Keys:
         return f"fp:worker:{name}"
 
     @staticmethod
+    def batch(batch_id: str) -> str:  # HASH: id, created_at, count, errors (JSON: entries refused at submit)
+        return f"fp:batch:{batch_id}"
+
+    @staticmethod
+    def batch_jobs(batch_id: str) -> str:  # LIST: the batch's job ids, in submission order
+        return f"fp:batch:{batch_id}:jobs"
+
+    @staticmethod
     def celery_meta(job_id: str) -> str:  # Celery's result key *and* pub/sub channel
         return f"celery-task-meta-{job_id}"
 
@@ -123,7 +131,8 @@ JOB_FIELDS = (
     "error",  # why a job failed (failed jobs only)
     "reason",  # why a job ended other than by succeeding: the error, or who cancelled it
     "result",  # JSON: final summary (video, frames, seconds, seed, sections)
-    "seq",  # the last update's seq (survives Celery's STARTED overwrite on redelivery)
+    "seq",  # the last update's seq (a redelivered run goes on from it)
+    "batch",  # the batch the job was submitted in, if any
 )
 
 

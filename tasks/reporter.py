@@ -77,7 +77,7 @@ class Reporter:
             elif isinstance(e, ev.Progress):
                 self.fields.update(
                     stage="Sampling", message=e.message, progress=round(e.progress, 5), step=e.step,
-                    steps=e.steps, section=e.section, sections=e.sections, eta=e.eta_seconds,
+                    steps=e.steps, section=e.section, sections=e.sections, eta=e.eta_seconds, prompt=e.prompt,
                 )  # fmt: skip
                 if e.step == e.steps or time.monotonic() - self._last_queued >= self.progress_interval:
                     self._queue("progress")

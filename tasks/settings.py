@@ -51,6 +51,8 @@ class Settings:
     broker_url: str = ""
     result_backend: str = ""
     results_dir: Path = Path("var/results")
+    #: LoRA files (.safetensors) jobs may name; web tier and workers read the same directory.
+    lora_dir: Path = Path("var/loras")
     profile: str = DEFAULT_PROFILE
     #: The longest a job may run; time limits, visibility and consumer timeouts derive from it.
     max_job_seconds: int = 4 * 3600
@@ -86,6 +88,7 @@ class Settings:
             broker_url=env.get("CELERY_BROKER_URL") or redis_url,
             result_backend=env.get("CELERY_RESULT_BACKEND") or redis_url,
             results_dir=Path(env.get("RESULTS_DIR") or d.results_dir).resolve(),
+            lora_dir=Path(env.get("FRAMEPACK_LORA_DIR") or d.lora_dir).resolve(),
             profile=env.get("FRAMEPACK_PROFILE") or d.profile,
             max_job_seconds=_num(env, "FRAMEPACK_MAX_JOB_SECONDS", d.max_job_seconds, int),
             result_ttl=_num(env, "FRAMEPACK_RESULT_EXPIRES", d.result_ttl, int),

@@ -83,6 +83,7 @@ class JobView(BaseModel):
     worker: str | None
     params: dict[str, Any] | None
     profile: str | None
+    batch: str | None = Field(description="The batch it was submitted in")
     links: Links
 
 
@@ -103,6 +104,7 @@ class JobSummary(BaseModel):
     reason: str | None
     created_at: float | None
     finished_at: float | None
+    batch: str | None
     prompt: str
     links: Links
 
@@ -184,9 +186,38 @@ def build_view(
         "worker": record.get("worker"),
         "params": record.get("params"),
         "profile": record.get("profile"),
+        "batch": record.get("batch"),
         "links": job_links(job_id),
     }
     return view
+
+
+class EntryError(BaseModel):
+    """A batch entry refused at submit (the others run)."""
+
+    index: int
+    field: str | None
+    message: str
+
+
+class BatchView(BaseModel):
+    """A batch (``GET /api/batches/<id>``): its jobs, and how many are in each state."""
+
+    model_config = ConfigDict(title="Batch")
+
+    id: str
+    created_at: float
+    total: int
+    counts: dict[str, int]
+    done: bool = Field(description="every job of the batch has ended")
+    errors: list[EntryError]
+    jobs: list[JobSummary]
+    links: dict[str, str]
+
+
+def batch_links(batch_id: str) -> dict[str, str]:
+    return {"self": f"/api/batches/{batch_id}", "cancel": f"/api/batches/{batch_id}/cancel",
+            "page": f"/batches/{batch_id}"}  # fmt: skip
 
 
 SUMMARY_FIELDS = tuple(f for f in JobSummary.model_fields if f != "prompt")

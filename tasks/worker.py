@@ -311,6 +311,7 @@ def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any])
         result = generate(
             job, image, reporter.on_event, _cancel_check(job_id),
             models=models, output=OutputLayout(out_dir, "video"), end_image=end_image,
+            lora_dir=STATE.settings.lora_dir,
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 — every failure becomes a readable final state
         log.exception("job %s failed", job_id)
@@ -328,6 +329,7 @@ def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any])
         "timings": result.timings,
         "cache_skipped_steps": result.cache_skipped_steps,
         "profile": models.profile.name,
+        "loras": result.loras,
     }
     if result.status == "cancelled":
         lc.finish_patiently(job_id, JobState.CANCELLED, reason=Reason.CANCELLED, result=summary,

@@ -124,7 +124,9 @@ def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None =
     with contextlib.ExitStack() as stack:
         valkey = Valkey(root / "valkey", **config).__enter__()
         redis_url = f"redis://{auth}127.0.0.1:{valkey.port}/0"
+        (root / "loras").mkdir(exist_ok=True)
         env = stack_env(redis_url, root / "results", {"FRAMEPACK_CACHE": str(tiny_dir.parent), **STACK_ENV,
+                                                     "FRAMEPACK_LORA_DIR": str(root / "loras"),
                                                      **(extra_env or {})})  # fmt: skip
         live = LiveStack(f"http://127.0.0.1:{port}", redis_url, root, env, valkey)
         stack.callback(lambda: live.valkey.__exit__(None, None, None))  # the one running now

@@ -17,12 +17,24 @@ Image.new("RGB", (32, 32), "red").save(_buf, format="PNG")
 PNG = _buf.getvalue()
 
 
+def _fix(entry: dict, multipart: bool, forward: bool) -> None:
+    for name in ("image", "end_image"):
+        if name in entry:
+            entry[name] = PNG if multipart else base64.b64encode(PNG).decode()
+    if forward or entry.get("model") == "framepack-f1" or entry.get("sampling_mode") == "forward":
+        entry.pop("end_image", None)
+
+
 @schemathesis.hook
 def map_case(ctx, case):
     if case.meta is not None and case.meta.generation.mode.is_positive and isinstance(case.body, dict):
-        for name in ("image", "end_image"):
-            if name in case.body:
-                case.body[name] = PNG if case.media_type == "multipart/form-data" else base64.b64encode(PNG).decode()
-        if case.body.get("model") == "framepack-f1" or case.body.get("sampling_mode") == "forward":
-            case.body.pop("end_image", None)
+        multipart = case.media_type == "multipart/form-data"
+        _fix(case.body, multipart, False)
+        if multipart and isinstance(case.body.get("images"), list):  # a batch of uploads
+            case.body["images"] = [PNG for _ in case.body["images"]]
+        if isinstance(case.body.get("jobs"), list):  # a batch of job specs
+            forward = (case.body.get("defaults") or {}).get("model") == "framepack-f1"
+            for job in case.body["jobs"]:
+                if isinstance(job, dict):
+                    _fix(job, False, forward)
     return case

@@ -80,7 +80,7 @@ def test_mp4_has_moov_first_for_streaming(tmp_path):
 
 
 def test_cfg_rescale_formula():
-    from diffusers_helper.observe import rescale_guidance
+    from diffusers_helper.sampler import rescale_guidance
 
     torch.manual_seed(0)
     guided, cond = torch.randn(2, 4, 3, 5, 5) * 3, torch.randn(2, 4, 3, 5, 5)

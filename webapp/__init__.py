@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, send_from_directory
 
+from diffusers_helper import lora_files
 from tasks import settings as settings_module
 
 from . import api, compat, errors, openapi, ws
@@ -76,7 +77,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.get("/api/openapi.json")
     def openapi_json() -> Response:
-        return jsonify(openapi.document())
+        names = tuple(entry["name"] for entry in lora_files.list_loras(s.lora_dir))
+        return jsonify(openapi.document(names))
 
     # Everything allocated so far (modules, the app) lives as long as the process: keep it
     # out of the collector's way, so full collections stay short under many sockets.

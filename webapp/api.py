@@ -3,14 +3,17 @@ errors are raised as :class:`webapp.errors.ApiError` and rendered by one handler
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from pydantic import ValidationError
 
+from diffusers_helper import lora_files
 from diffusers_helper.params import JobParams
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState
 
-from .errors import ApiError, not_found
+from .errors import ApiError, from_image, from_validation, not_found
 from .service import Service
 from .uploads import ImageError, decode_base64, normalise
 
@@ -25,10 +28,12 @@ def service() -> Service:
     return current_app.extensions["framepack"]
 
 
-def parse_submission(fields: dict[str, Any], files: dict[str, bytes]) -> tuple[JobParams, bytes, bytes | None]:
+def parse_submission(fields: dict[str, Any], files: dict[str, bytes],
+                     lora_dir: Path | None = None) -> tuple[JobParams, bytes, bytes | None]:  # fmt: skip
     """Form/JSON fields + image bytes -> validated params and normalised images.
 
-    Raises :class:`ImageError` or pydantic's ``ValidationError``; nothing is stored.
+    Raises :class:`ImageError`, pydantic's ``ValidationError`` or :class:`ApiError` (a LoRA
+    the directory does not have); nothing is stored.
     """
     if "image" not in files:
         raise ImageError("image", "an input image is required", status=400)
@@ -39,9 +44,26 @@ def parse_submission(fields: dict[str, Any], files: dict[str, bytes]) -> tuple[J
     if has_end:
         fields["end_image"] = "upload"
     params = JobParams.model_validate(fields)  # field errors before image work
+    for i, spec in enumerate(params.loras):
+        try:
+            lora_files.resolve(lora_dir, spec.name)
+        except lora_files.LoraFileError as exc:
+            raise ApiError(422, f"loras.{i}.name: {exc}", f"loras.{i}.name") from None
     image = normalise("image", files["image"])
     end = normalise("end_image", files["end_image"]) if has_end else None
     return params, image, end
+
+
+def form_loras(values: list[str]) -> list[dict[str, Any]]:
+    """Form fields ``loras=NAME[:WEIGHT]`` (repeated) -> ``[{"name", "weight"}]``."""
+    out = []
+    for i, value in enumerate(values):
+        name, _, weight = value.partition(":")
+        try:
+            out.append({"name": name, "weight": float(weight) if weight else 1.0})
+        except ValueError:
+            raise ApiError(422, f"loras.{i}.weight: {weight!r} is not a number", f"loras.{i}.weight") from None
+    return out
 
 
 def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -59,6 +81,8 @@ def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
             files[name] = decode_base64(name, value)
         return body, files
     fields: dict[str, Any] = request.form.to_dict()
+    if "loras" in request.form:
+        fields["loras"] = form_loras(request.form.getlist("loras"))
     files = {name: f.read() for name, f in request.files.items() if name in ("image", "end_image")}
     return fields, files
 
@@ -66,7 +90,7 @@ def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
 def submit_from_request() -> dict[str, Any]:
     """Shared by ``POST /api/jobs`` and the legacy ``POST /generate``."""
     fields, files = read_request()
-    params, image, end = parse_submission(fields, files)
+    params, image, end = parse_submission(fields, files, service().settings.lora_dir)
     try:
         return service().submit(params, image, end)
     except Exception as exc:  # noqa: BLE001 — the broker is down: say so, store nothing
@@ -173,6 +197,105 @@ def job_input(job_id: str) -> Response:
     if not path.is_file():
         raise ApiError(404, "input: no longer available", "input")
     return send_file(path, mimetype="image/png")
+
+
+#: Entries a batch may hold.
+MAX_BATCH = 100
+
+
+def _batch_entries() -> tuple[list[tuple[dict[str, Any], dict[str, bytes]]], int]:
+    """``(fields, files)`` per entry: multipart ``images`` (repeated) with the shared fields,
+    or JSON ``{"defaults": {...}, "jobs": [{"image": ..., overrides}]}``."""
+    if request.mimetype == "application/json":
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
+            raise ApiError(400, "jobs: the JSON body must be an object with a list of jobs", "jobs")
+        defaults = body.get("defaults") or {}
+        if not isinstance(defaults, dict):
+            raise ApiError(422, "defaults: must be an object", "defaults")
+        extra = set(body) - {"defaults", "jobs"}
+        if extra:
+            raise ApiError(422, f"{sorted(extra)[0]}: unknown field (defaults, jobs)", sorted(extra)[0])
+        entries = []
+        for item in body["jobs"]:
+            fields = {**defaults, **item} if isinstance(item, dict) else {"image": item}
+            files = {}
+            for name in ("image", "end_image"):
+                value = fields.pop(name, None)
+                if isinstance(value, str) and value:
+                    try:
+                        files[name] = decode_base64(name, value)
+                    except ImageError:
+                        files[name] = b""  # refused with its entry below
+                elif value not in (None, ""):
+                    files[name] = b""
+            entries.append((fields, files))
+        return entries, len(body["jobs"])
+    images = request.files.getlist("images")
+    shared: dict[str, Any] = request.form.to_dict()
+    if "loras" in request.form:
+        shared["loras"] = form_loras(request.form.getlist("loras"))
+    return [(dict(shared), {"image": f.read()}) for f in images], len(images)
+
+
+@bp.post("/api/batches")
+def create_batch() -> Response:
+    """Several jobs at once; an invalid entry is reported and the others run."""
+    entries, count = _batch_entries()
+    if count == 0:
+        raise ApiError(400, "images: a batch needs at least one image (or JSON jobs)", "images")
+    if count > MAX_BATCH:
+        raise ApiError(422, f"jobs: at most {MAX_BATCH} entries per batch", "jobs")
+    lora_dir = service().settings.lora_dir
+    valid, errors = [], []
+    for index, (fields, files) in enumerate(entries):
+        try:
+            valid.append(parse_submission(fields, files, lora_dir))
+        except ValidationError as exc:
+            err = from_validation(exc)
+            errors.append({"index": index, "field": err.field, "message": err.errors[0]["message"]})
+        except (ImageError, ApiError) as exc:
+            err = from_image(exc) if isinstance(exc, ImageError) else exc
+            errors.append({"index": index, "field": err.field, "message": err.errors[0]["message"] if err.errors
+                           else err.message})  # fmt: skip
+    if not valid:
+        named = [{"field": f"jobs.{e['index']}.{e['field']}", "message": e["message"]} for e in errors]
+        raise ApiError(422, "; ".join(f"{e['field']}: {e['message']}" for e in named), named[0]["field"], named)
+    try:
+        view = service().submit_batch(valid, errors)
+    except Exception as exc:  # noqa: BLE001 — the broker is down
+        current_app.logger.exception("batch dispatch failed")
+        raise ApiError(503, f"could not queue the batch: {exc}", headers={"Retry-After": "5"}) from None
+    resp = jsonify(view)
+    resp.status_code = 202
+    resp.headers["Location"] = view["links"]["self"]
+    return resp
+
+
+def batch_or_404(batch_id: str) -> dict[str, Any]:
+    view = service().batch_view(batch_id)
+    if view is None:
+        raise not_found("batch", "batch_id")
+    return view
+
+
+@bp.get("/api/batches/<batch_id>")
+def get_batch(batch_id: str) -> Response:
+    return jsonify(batch_or_404(batch_id))
+
+
+@bp.post("/api/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str) -> Response:
+    batch_or_404(batch_id)
+    resp = jsonify(service().cancel_batch(batch_id))
+    resp.status_code = 202
+    return resp
+
+
+@bp.get("/api/loras")
+def loras() -> Response:
+    """The LoRA files jobs may name, with their size and detected format."""
+    return jsonify({"loras": lora_files.list_loras(service().settings.lora_dir)})
 
 
 @bp.get("/api/info")

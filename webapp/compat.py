@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import PurePath
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
@@ -35,7 +36,7 @@ def _translate_form() -> None:
     the original (FastAPI) server ignores them."""
     from diffusers_helper.params import JobParams
 
-    known = set(JobParams.model_fields)
+    known = set(JobParams.model_fields) - {"loras"}
     form = MultiDict()
     for key, value in request.form.items(multi=True):
         if key == "sampling_mode":
@@ -43,6 +44,9 @@ def _translate_form() -> None:
         name = RENAMES.get(key, key)
         if name in known:
             form.add(name, value)
+    lora = request.form.get("lora_path", "").strip()
+    if lora:  # a file of our LoRA directory, named as the original's clients name it (a path)
+        form.add("loras", f"{PurePath(lora).stem}:{request.form.get('lora_scale') or 1.0}")
     request.form = form  # type: ignore[misc]
 
 

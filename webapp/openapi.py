@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from diffusers_helper.params import JobParams
-from tasks.snapshot import JobList, JobView
+from tasks.snapshot import BatchView, JobList, JobView
 
 from .errors import ErrorBody
 
@@ -78,19 +78,42 @@ def _with_operation_ids(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _lora_fields(names: tuple[str, ...], params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``loras`` for JSON bodies (objects) and forms (repeated ``NAME[:WEIGHT]``), naming the
+    files the LoRA directory has now, so a valid document request names only real ones."""
+    base = params["properties"]["loras"]
+    limit = base.get("maxItems", 8) if names else 0
+    weight = {"type": "number", "minimum": -4, "maximum": 4, "default": 1.0}
+    as_json = {"type": "array", "maxItems": limit, "description": base.get("description", ""),
+               "items": {"type": "object", "required": ["name"], "additionalProperties": False,
+                         "properties": {"name": {"type": "string", "enum": list(names) or [""]}, "weight": weight}}}
+    name = "|".join(re.escape(n) for n in names) or "(?!)"
+    as_form = {"type": "array", "maxItems": limit, "description": "NAME or NAME:WEIGHT (-4..4), repeated",
+               "items": {"type": "string", "pattern": rf"^({name})(:-?([0-3](\.[0-9]{{1,3}})?|4(\.0{{1,3}})?))?$"}}
+    return as_json, as_form  # fmt: skip
+
+
 @functools.cache
-def document() -> dict[str, Any]:
+def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
     defs: dict[str, Any] = {}
     schemas = {
         "JobParams": _schema(JobParams, defs),
         "Job": _schema(JobView, defs),
         "JobList": _schema(JobList, defs),
         "Error": _schema(ErrorBody, defs),
+        "Batch": _schema(BatchView, defs),
     }
     params = schemas["JobParams"]
-    submit_props = {k: v for k, v in params["properties"].items() if k != "end_image"}
-    form_props = {k: _form_field(v) for k, v in submit_props.items()}
-    legacy_props = {LEGACY_NAMES.get(k, k): LEGACY_MODE if k == "model" else v for k, v in form_props.items()}
+    lora_json, lora_form = _lora_fields(lora_names, params)
+    submit_props = {k: v for k, v in params["properties"].items() if k != "end_image"} | {"loras": lora_json}
+    # a form field carries no objects: LoRAs as NAME:WEIGHT, timestamped prompts in the prompt text
+    form_props = {k: _form_field(v) for k, v in submit_props.items() if k != "prompts"} | {"loras": lora_form}
+    legacy_props = {LEGACY_NAMES.get(k, k): LEGACY_MODE if k == "model" else v for k, v in form_props.items()
+                    if k != "loras"} | {
+        "lora_path": {"type": "string", "enum": ["", *lora_names], "default": "",
+                      "description": "A LoRA of our directory by name (a path's file name also works); empty: none"},
+        "lora_scale": {"type": "number", "minimum": -4, "maximum": 4, "default": 1.0},
+    }  # fmt: skip
     binary = {"type": "string", "format": "binary"}
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     err = _json(_ref("Error"), "Error naming the field")
@@ -160,6 +183,32 @@ def document() -> dict[str, Any]:
             "/api/jobs/{job_id}/input": {"get": {"summary": "Normalised input image", "parameters": job_id,
                 "responses": responses(_200={"description": "image/png", "content": {"image/png": {"schema": binary}}},
                                        _304={"description": "Not modified"}, _404=not_found)}},
+            "/api/batches": {"post": {
+                "summary": "Submit a batch: several images with shared fields, or a list of job specs",
+                "requestBody": {"required": True, "content": {
+                    "multipart/form-data": {"schema": {"type": "object", "required": ["images"],
+                        "additionalProperties": False, "properties": {
+                            "images": {"type": "array", "minItems": 1, "maxItems": 100, "items": binary},
+                            **form_props}}},
+                    "application/json": {"schema": {"type": "object", "required": ["jobs"],
+                        "additionalProperties": False, "properties": {
+                            "defaults": {"type": "object", "additionalProperties": False, "properties": submit_props},
+                            "jobs": {"type": "array", "minItems": 1, "maxItems": 100, "items": {
+                                "type": "object", "required": ["image"], "additionalProperties": False, **F1_NO_END,
+                                "properties": {"image": {"type": "string", "minLength": 1},
+                                               "end_image": {"type": "string", "minLength": 1},
+                                               **submit_props}}}}}},
+                }},
+                "responses": responses(_202=_json(_ref("Batch"), "Queued: the jobs, and the entries refused"),
+                                       _400=err, _413=err, _415=err, _422=err)}},
+            "/api/batches/{batch_id}": {"get": {"summary": "A batch: its jobs and counts by state",
+                "parameters": [{"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": responses(_200=_json(_ref("Batch"), "The batch"), _404=not_found)}},
+            "/api/batches/{batch_id}/cancel": {"post": {"summary": "Cancel every job of a batch that has not ended",
+                "parameters": [{"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": responses(_202=_json(_ref("Batch"), "The batch"), _404=not_found)}},
+            "/api/loras": {"get": {"summary": "The LoRA files jobs may name (size, detected format)",
+                                   "responses": responses(_200=_json({"type": "object"}, "LoRAs"))}},
             "/api/info": {"get": {"summary": "Live workers, their model profile and device; settings",
                                   "responses": responses(_200=_json({"type": "object"}, "Info"))}},
             "/healthz": {"get": {"summary": "Process up", "responses": {"200": _json({"type": "object"}, "OK")}}},

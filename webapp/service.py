@@ -24,7 +24,7 @@ from tasks.app import make_celery
 from tasks.lifecycle import Lifecycle, decode_record, new_job_id
 from tasks.protocol import QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, parse_celery_payload
 from tasks.settings import Settings, connect
-from tasks.snapshot import build_view, decorate, summary_of
+from tasks.snapshot import batch_links, build_view, decorate, summary_of
 from tasks.sweeper import Broker, Sweeper
 
 from .hub import JobHub
@@ -50,12 +50,13 @@ class Service:
             dispatcher.send(event, uuid=job_id, **fields)
 
     # -- transitions --------------------------------------------------------------------
-    def submit(self, params: JobParams, image_png: bytes, end_png: bytes | None) -> dict[str, Any]:
+    def submit(self, params: JobParams, image_png: bytes, end_png: bytes | None,
+               batch: str | None = None) -> dict[str, Any]:  # fmt: skip
         params = params.with_seed()  # chosen here, so a redelivered job reproduces
         job_id = new_job_id()
         stored = params.model_dump(mode="json")
         stored["end_image"] = "upload" if end_png is not None else None
-        view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png)
+        view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png, batch)
         try:
             self.celery.send_task(TASK_NAME, args=[job_id, stored], task_id=job_id, queue=QUEUE)
         except Exception:
@@ -71,6 +72,37 @@ class Service:
         if rec and rec["state"] == JobState.QUEUED.value:
             self.lifecycle.finish(job_id, JobState.CANCELLED, reason=Reason.CANCELLED)
         return self.view(job_id)
+
+    def submit_batch(self, entries: list[tuple[JobParams, bytes, bytes | None]],
+                     errors: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+        """Each valid entry becomes a normal job of one batch; ``errors`` are the entries
+        refused at submit (kept with the batch, so its page says what did not run)."""
+        batch_id = new_job_id()
+        job_ids = [self.submit(params, image, end, batch=batch_id)["id"] for params, image, end in entries]
+        self.lifecycle.record_batch(batch_id, job_ids, errors)
+        return self.batch_view(batch_id)
+
+    def batch_view(self, batch_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(Keys.batch(batch_id))
+        if not raw:
+            return None
+        rec = {k.decode(): v.decode() for k, v in raw.items()}
+        ids = [i.decode() for i in self.redis.lrange(Keys.batch_jobs(batch_id), 0, -1)]
+        jobs = [s for s in (self.summary(i) for i in ids) if s is not None]
+        counts: dict[str, int] = {}
+        for job in jobs:
+            counts[job["state"]] = counts.get(job["state"], 0) + 1
+        return {"id": batch_id, "created_at": float(rec["created_at"]), "total": len(jobs), "counts": counts,
+                "done": all(JobState(j["state"]) in TERMINAL for j in jobs), "errors": json.loads(rec["errors"]),
+                "jobs": jobs, "links": batch_links(batch_id)}  # fmt: skip
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any] | None:
+        ids = [i.decode() for i in self.redis.lrange(Keys.batch_jobs(batch_id), 0, -1)]
+        for job_id in ids:
+            view = self.view(job_id)
+            if view is not None and JobState(view["state"]) not in TERMINAL:
+                self.cancel(job_id)
+        return self.batch_view(batch_id)
 
     def delete(self, job_id: str) -> None:
         self.lifecycle.delete(job_id)
