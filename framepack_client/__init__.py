@@ -66,13 +66,40 @@ class FramePackClient:
     def info(self) -> dict[str, Any]:
         return self._json(self.http.get("/api/info"))
 
-    def submit(self, image: str | Path | bytes, end_image: str | Path | bytes | None = None, **params: Any) -> dict:
-        """Queue a job; ``params`` are FramePack parameters (see ``/api/openapi.json``)."""
+    def submit(self, image: str | Path | bytes, end_image: str | Path | bytes | None = None,
+               loras: list[str] | None = None, **params: Any) -> dict:  # fmt: skip
+        """Queue a job; ``params`` are FramePack parameters (see ``/api/openapi.json``),
+        ``loras`` are ``"NAME"`` or ``"NAME:WEIGHT"`` (``GET /api/loras`` lists them)."""
         files = {"image": ("image", _read(image))}
         if end_image is not None:
             files["end_image"] = ("end_image", _read(end_image))
-        data = {k: json.dumps(v) if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
+        data: dict[str, Any] = {k: json.dumps(v) if isinstance(v, bool) else str(v) for k, v in params.items()
+                                if v is not None}  # fmt: skip
+        if loras:
+            data["loras"] = list(loras)
         return self._json(self.http.post("/api/jobs", files=files, data=data))
+
+    def submit_batch(self, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> dict:
+        """Queue several jobs as one batch: each entry has an ``image`` (a path or bytes),
+        optionally an ``end_image``, and parameters overriding ``defaults``.  Entries the
+        server refuses come back in ``errors``; the others run."""
+        entries = []
+        for job in jobs:
+            entry = dict(job)
+            for name in ("image", "end_image"):
+                if entry.get(name) is not None:
+                    entry[name] = base64.b64encode(_read(entry[name])).decode()
+            entries.append(entry)
+        return self._json(self.http.post("/api/batches", json={"defaults": defaults or {}, "jobs": entries}))
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/api/batches/{batch_id}"))
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._json(self.http.post(f"/api/batches/{batch_id}/cancel"))
+
+    def loras(self) -> list[dict[str, Any]]:
+        return self._json(self.http.get("/api/loras"))["loras"]
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/api/jobs/{job_id}"))
@@ -183,6 +210,34 @@ class FramePackClient:
         finally:
             bar.close()
         raise RuntimeError("stream ended without a final message")
+
+
+    def wait_batch(self, batch_id: str, progress: bool = True, every: float = 0.5) -> dict[str, Any]:
+        """Block until every job of the batch has ended, one progress bar per job on
+        stderr; returns the batch (``GET /api/batches/<id>``)."""
+        from tqdm import tqdm
+
+        bars: dict[str, Any] = {}
+        try:
+            while True:
+                batch = self.batch(batch_id)
+                for i, job in enumerate(batch["jobs"]):
+                    if job["id"] not in bars:
+                        bars[job["id"]] = tqdm(total=100, unit="%", position=i, leave=True, disable=not progress,
+                                               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+                    bar = bars[job["id"]]
+                    state = job["state"]
+                    where = f"#{job['position']}" if state == "queued" else (
+                        f"section {job['section']}/{job['sections']}" if job.get("sections") else "")  # fmt: skip
+                    bar.set_description(f"{job['id'][:8]} {state} {where}".rstrip())
+                    bar.n = 100 if state == "succeeded" else round(100 * (job.get("progress") or 0), 1)
+                    bar.refresh()
+                if batch["done"]:
+                    return batch
+                time.sleep(every)
+        finally:
+            for bar in bars.values():
+                bar.close()
 
 
 def _read(source: str | Path | bytes) -> bytes:

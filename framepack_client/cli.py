@@ -1,8 +1,13 @@
 """``framepack-client``: use a framepack-celery server from the shell.
 
-    framepack-client submit photo.jpg --prompt "..." --set total_second_length=5 -o out.mp4
+    framepack-client submit photo.jpg --prompt "..." --set total_second_length=5 --lora NAME:0.8 -o out.mp4
+    framepack-client batch jobs.jsonl [--set steps=25] [-o DIR]
     framepack-client watch JOB_ID [-o out.mp4]
-    framepack-client status JOB_ID | cancel JOB_ID | list
+    framepack-client status JOB_ID | cancel JOB_ID | list | loras
+
+A batch file has one JSON object per line: {"image": "photo.jpg", "prompt": "...", ...}
+(image paths relative to the file).  The command exits non-zero if the server refused an
+entry or a job did not succeed.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from . import APIError, FramePackClient
 
@@ -34,9 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--prompt", default="")
     s.add_argument("--end-image", default=None)
     s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any FramePack parameter")
+    s.add_argument("--lora", action="append", default=[], metavar="NAME:WEIGHT", help="a LoRA (repeatable)")
     s.add_argument("-o", "--output", default=None, help="download the video here when done")
     s.add_argument("--no-wait", action="store_true")
     s.add_argument("--previews", default=None, help="save preview strips in this directory")
+    b = sub.add_parser("batch", help="queue a batch from a JSON-lines file, follow every job, download")
+    b.add_argument("file")
+    b.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="defaults for every entry")
+    b.add_argument("-o", "--output", default=None, help="download every video into this directory")
+    b.add_argument("--no-wait", action="store_true")
     w = sub.add_parser("watch", help="follow a job with progress bars")
     w.add_argument("job_id")
     w.add_argument("-o", "--output", default=None)
@@ -44,23 +56,30 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("status", "cancel"):
         sub.add_parser(name).add_argument("job_id")
     sub.add_parser("list")
+    sub.add_parser("loras")
     args = ap.parse_args(argv)
 
     with FramePackClient(args.server) as client:
         try:
             if args.command == "submit":
-                job = client.submit(args.image, args.end_image, prompt=args.prompt, **_params(args.set))
+                job = client.submit(args.image, args.end_image, loras=args.lora, prompt=args.prompt,
+                                    **_params(args.set))  # fmt: skip
                 print(f"job {job['id']} queued (position {job.get('position')})", file=sys.stderr)
                 if args.no_wait:
                     print(job["id"])
                     return 0
                 return _follow(client, job["id"], args.output, args.previews)
+            if args.command == "batch":
+                return _batch(client, Path(args.file), _params(args.set), args.output, args.no_wait)
             if args.command == "watch":
                 return _follow(client, args.job_id, args.output, args.previews)
             if args.command == "status":
                 print(json.dumps(client.job(args.job_id), indent=2))
             elif args.command == "cancel":
                 print(client.cancel(args.job_id)["state"])
+            elif args.command == "loras":
+                for entry in client.loras():
+                    print(f"{entry['name']}  {entry['format']:<16} {entry['size']:>12} bytes")
             elif args.command == "list":
                 for j in client.jobs()["jobs"]:
                     print(f"{j['id']}  {j['state']:<10} {round(100 * (j.get('progress') or 0)):>3}%  {j['prompt']}")
@@ -69,6 +88,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error{where}: {exc.body.get('error', exc)}", file=sys.stderr)
             return 2
     return 0
+
+
+def _batch(client: FramePackClient, path: Path, defaults: dict[str, str], output: str | None, no_wait: bool) -> int:
+    jobs = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise SystemExit(f"{path}:{n}: not JSON ({exc})") from None
+        for name in ("image", "end_image"):
+            if isinstance(entry.get(name), str):
+                entry[name] = path.parent / entry[name]
+        jobs.append(entry)
+    batch = client.submit_batch(jobs, defaults)
+    for err in batch["errors"]:
+        print(f"entry {err['index'] + 1} refused: {err['field']}: {err['message']}", file=sys.stderr)
+    print(f"batch {batch['id']}: {batch['total']} job(s) queued", file=sys.stderr)
+    if no_wait:
+        print(batch["id"])
+        return 1 if batch["errors"] else 0
+    done = client.wait_batch(batch["id"])
+    failed = [j for j in done["jobs"] if j["state"] != "succeeded"]
+    for job in failed:
+        print(f"{job['id']}: {job['state']} {job.get('reason') or job.get('error') or ''}".rstrip(), file=sys.stderr)
+    if output:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        for job in done["jobs"]:
+            if job["state"] == "succeeded":
+                print(client.download(job["id"], Path(output) / f"{job['id']}.mp4"))
+    return 1 if failed or done["errors"] else 0
 
 
 def _follow(client: FramePackClient, job_id: str, output: str | None, previews: str | None) -> int:

@@ -153,3 +153,46 @@ def test_cancel_keeps_finished_sections(live, browser, image_file, artifacts):
     expect(page.locator("#cancel-btn")).to_be_hidden()
     page.screenshot(path=artifacts / "job-cancelled-phone.png", full_page=True)
     page.close()
+
+
+def test_several_images_make_a_batch_with_a_lora_and_its_page_follows_it(live, browser, tmp_path, artifacts):
+    from playwright.sync_api import expect
+
+    from .test_lora import _pairs
+
+    lora = live.root / "loras" / "ui-wiggle.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({f"transformer.{n}.lora_{ab}.weight": t for n, (a, b) in _pairs(3).items()
+               for ab, t in (("A", a), ("B", b))}, str(lora))  # fmt: skip
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"in-{i}.png")
+        noise_image(96, 96, seed=10 + i).save(images[-1])
+    page = browser.new_page(viewport={"width": 1100, "height": 1000})
+    try:
+        _open(page, live.base + "/")
+        page.set_input_files("#image", [str(p) for p in images])
+        expect(page.locator("#image-hint")).to_contain_text("2 images")
+        page.fill("#f-prompt", "idle [0s: a wave] [1.1s: a spin]")
+        page.fill("#f-total_second_length", "2")
+        page.click("#add-lora")
+        page.select_option("#f-loras\\.0\\.name", "ui-wiggle")
+        page.fill("#f-loras\\.0\\.weight", "0.6")
+        if not page.is_visible("#f-steps"):
+            page.click("#advanced summary")
+        page.fill("#f-steps", "2")
+        page.click("#submit-btn")
+        page.wait_for_url(re.compile(r".*/batches/[^/]+$"))
+        expect(page.locator("#batch-jobs li")).to_have_count(2)
+        expect(page.locator("#batch-counts")).to_contain_text("2 succeeded", timeout=LONG)
+        page.screenshot(path=artifacts / "batch.png", full_page=True)
+        batch_id = page.url.rsplit("/", 1)[1]
+        jobs = __import__("httpx").get(f"{live.base}/api/batches/{batch_id}").json()["jobs"]
+        for job in jobs:
+            params = live.job(job["id"])["params"]
+            assert params["loras"] == [{"name": "ui-wiggle", "weight": 0.6}]
+            assert params["prompt"] == "idle [0s: a wave] [1.1s: a spin]"
+    finally:
+        page.close()
+        lora.unlink()

@@ -54,3 +54,21 @@ def test_command_line(live, tmp_path):
          "--set", "cfg=99"], capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "(cfg)" in bad.stderr
+
+
+def test_batch_command_follows_every_job_and_fails_on_a_refused_entry(live, tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(seed=1))
+    (tmp_path / "b.png").write_bytes(png_bytes(seed=2))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"image": "a.png", "prompt": "one"}\n{"image": "b.png", "prompt": "two", "steps": 3}\n')
+    cmd = [sys.executable, "-m", "framepack_client.cli", "--server", live.base, "batch", str(good),
+           "--set", "total_second_length=1", "--set", "steps=2", "-o", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    videos = proc.stdout.split()
+    assert len(videos) == 2 and all(len(read_mp4(v)) == 37 for v in videos)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png"}\n{"image": "b.png", "cfg": 99}\n')
+    proc = subprocess.run(cmd[:6] + [str(bad), "--set", "total_second_length=1", "--set", "steps=2"],
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 1 and "entry 2 refused: cfg" in proc.stderr

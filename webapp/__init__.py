@@ -58,6 +58,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.get("/")
     @app.get("/jobs/<job_id>")
+    @app.get("/batches/<job_id>")
     def page(job_id: str | None = None) -> Response:
         """The browser UI: one page; the job view is routed client-side (shareable URLs)."""
         resp = send_from_directory(app.static_folder, "index.html")

@@ -115,26 +115,67 @@ async function buildForm() {
   const main = $("#main-fields");
   const adv = $("#advanced-fields");
   for (const [name, prop] of Object.entries(schema.properties)) {
-    if (name === "end_image") continue;
+    // timestamped prompts are written in the prompt ("[2s: he jumps]"); LoRAs get a picker
+    if (name === "end_image" || name === "prompts" || name === "loras") continue;
     (MAIN_FIELDS.includes(name) ? main : adv).append(renderField(name, prop, components));
   }
+  await buildLoraPicker(main);
   const model = $("#f-model");
   const syncEnd = () => { $("#end-image-field").hidden = model.value !== "framepack"; };
   model.addEventListener("change", syncEnd);
   syncEnd();
 }
 
+// LoRA picker: rows of (file, weight) from GET /api/loras; sent as loras=NAME:WEIGHT
+let loraNames = [];
+
+async function buildLoraPicker(container) {
+  try { loraNames = (await (await fetch("/api/loras")).json()).loras.map((l) => l.name); } catch { loraNames = []; }
+  const wrap = document.createElement("div");
+  wrap.className = "field";
+  wrap.dataset.field = "loras";
+  wrap.innerHTML = `<label>LoRAs <span class="hint"></span></label><div id="lora-rows"></div>
+    <button type="button" id="add-lora">Add LoRA</button><p class="field-error" id="error-loras" aria-live="polite"></p>`;
+  wrap.querySelector(".hint").textContent = loraNames.length ? ` ${loraNames.length} available` : " none in the LoRA directory";
+  const add = wrap.querySelector("#add-lora");
+  add.disabled = !loraNames.length;
+  add.addEventListener("click", () => addLoraRow(wrap.querySelector("#lora-rows")));
+  container.append(wrap);
+}
+
+function addLoraRow(rows) {
+  const i = rows.children.length;
+  const row = document.createElement("div");
+  row.className = "lora-row";
+  const select = document.createElement("select");
+  select.id = `f-loras.${i}.name`;
+  select.setAttribute("aria-label", `LoRA ${i + 1}`);
+  for (const n of loraNames) select.append(new Option(n, n));
+  const weight = document.createElement("input");
+  Object.assign(weight, { type: "number", step: "0.05", min: "-4", max: "4", value: "1" });
+  weight.id = `f-loras.${i}.weight`;
+  weight.setAttribute("aria-label", `LoRA ${i + 1} weight`);
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.textContent = "Remove";
+  remove.addEventListener("click", () => row.remove());
+  row.append(select, weight, remove);
+  rows.append(row);
+}
+
 function setupImagePicker() {
   const input = $("#image");
   const zone = $("#drop-zone");
   const thumb = $("#image-thumb");
-  const show = (file) => {
-    if (!file) return;
-    thumb.src = URL.createObjectURL(file);
+  const show = (files) => {
+    if (!files.length) return;
+    thumb.src = URL.createObjectURL(files[0]);
     thumb.hidden = false;
-    $("#image-hint").textContent = `${file.name} — drop or press Enter to replace`;
+    $("#image-hint").textContent = files.length > 1
+      ? `${files.length} images: one job each, as a batch — drop or press Enter to replace`
+      : `${files[0].name} — drop or press Enter to replace`;
   };
-  input.addEventListener("change", () => show(input.files[0]));
+  input.addEventListener("change", () => show(input.files));
   zone.addEventListener("click", () => input.click());
   zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
@@ -144,9 +185,9 @@ function setupImagePicker() {
     zone.classList.remove("over");
     if (e.dataTransfer.files.length) {
       const dt = new DataTransfer();
-      dt.items.add(e.dataTransfer.files[0]);
+      for (const file of e.dataTransfer.files) dt.items.add(file);
       input.files = dt.files;
-      show(input.files[0]);
+      show(input.files);
     }
   });
 }
@@ -174,11 +215,15 @@ async function submit(e) {
   e.preventDefault();
   clearErrors();
   const form = new FormData();
-  const image = $("#image").files[0];
-  if (image) form.append("image", image);
+  const images = [...$("#image").files];
+  const batch = images.length > 1;
+  for (const file of batch ? images : images.slice(0, 1)) form.append(batch ? "images" : "image", file);
+  for (const row of document.querySelectorAll(".lora-row")) {
+    form.append("loras", `${row.querySelector("select").value}:${row.querySelector("input").value || 1}`);
+  }
   const model = $("#f-model").value;
   const end = $("#end_image").files[0];
-  if (end && model === "framepack") form.append("end_image", end);
+  if (end && model === "framepack" && !batch) form.append("end_image", end);
   for (const name of Object.keys(schema.properties)) {
     const input = $(`#f-${name}`);
     if (!input) continue;
@@ -188,10 +233,10 @@ async function submit(e) {
   const btn = $("#submit-btn");
   btn.disabled = true;
   try {
-    const resp = await fetch("/api/jobs", { method: "POST", body: form });
+    const resp = await fetch(batch ? "/api/batches" : "/api/jobs", { method: "POST", body: form });
     const body = await resp.json().catch(() => ({ error: `HTTP ${resp.status}`, field: "body" }));
     if (resp.status !== 202) { showErrors(body); return; }
-    navigate(`/jobs/${body.id}`);
+    navigate(batch ? `/batches/${body.id}` : `/jobs/${body.id}`);
   } catch (err) {
     showErrors({ error: String(err), field: "body" });
   } finally {
@@ -242,7 +287,7 @@ function renderJob(job) {
   const el = $("#job-state");
   el.textContent = state + (job.stalled ? " (stalled)" : "") + (state === "queued" && job.position ? ` · #${job.position} in queue` : "");
   el.className = `state ${state}`;
-  $("#job-stage").textContent = TERMINAL.has(state) ? "" : job.stage || "";
+  $("#job-stage").textContent = TERMINAL.has(state) ? "" : (job.stage || "") + (job.prompt ? ` — “${job.prompt}”` : "");
   const pct = Math.round(100 * (state === "succeeded" ? 1 : job.progress || 0));
   const bar = $("#job-progress");
   bar.setAttribute("aria-valuenow", String(pct));
@@ -283,7 +328,8 @@ function renderJob(job) {
     const r = job.result;
     const meta = { seed: r.seed, frames: r.frames, seconds: r.seconds, size: `${r.width}×${r.height}`,
       profile: r.profile, "sampling time": fmtSeconds(r.timings && r.timings.sampling), "total time": fmtSeconds(r.timings && r.timings.total),
-      "cache-skipped steps": r.cache_skipped_steps };
+      "cache-skipped steps": r.cache_skipped_steps,
+      LoRAs: (r.loras || []).map((l) => `${l.name} × ${l.weight} (${l.sha256.slice(0, 12)})`).join(", ") };
     $("#job-meta").innerHTML = "";
     for (const [k, v] of Object.entries(meta)) {
       if (v === undefined || v === "") continue;
@@ -398,8 +444,53 @@ function watchQueue() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Routing: "/" is the form, "/jobs/<id>" a job (shareable, survives reload)
+// Batch view: its jobs and their states, kept live by the all-jobs feed
+let batchTimer = null;
+
+async function openBatch(id) {
+  $("#submit-view").hidden = true;
+  $("#job-view").hidden = true;
+  $("#batch-view").hidden = false;
+  $("#batch-id").textContent = id;
+  const render = async () => {
+    const resp = await fetch(`/api/batches/${encodeURIComponent(id)}`);
+    if (!resp.ok) { $("#batch-counts").textContent = "Unknown batch."; return; }
+    const b = await resp.json();
+    $("#batch-counts").textContent = Object.entries(b.counts).map(([k, v]) => `${v} ${k}`).join(" · ") + (b.done ? " — done" : "");
+    const ul = $("#batch-jobs");
+    ul.innerHTML = "";
+    for (const j of b.jobs) {
+      const li = document.createElement("li");
+      const a = document.createElement("a");
+      a.href = `/jobs/${j.id}`;
+      a.dataset.nav = "";
+      a.textContent = `${j.state} · ${Math.round(100 * (j.state === "succeeded" ? 1 : j.progress || 0))} % · ${j.prompt || "(no prompt)"}`;
+      li.dataset.state = j.state;
+      li.append(a);
+      ul.append(li);
+    }
+    for (const e of b.errors) {
+      const li = document.createElement("li");
+      li.className = "error";
+      li.textContent = `entry ${e.index} refused: ${e.field ? e.field + ": " : ""}${e.message}`;
+      ul.append(li);
+    }
+    $("#batch-cancel").hidden = b.done;
+    if (b.done) { clearInterval(batchTimer); batchTimer = null; }
+  };
+  $("#batch-cancel").onclick = async () => { await fetch(`/api/batches/${encodeURIComponent(id)}/cancel`, { method: "POST" }); render(); };
+  clearInterval(batchTimer);
+  batchTimer = setInterval(render, 2000);
+  await render();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing: "/" is the form, "/jobs/<id>" a job, "/batches/<id>" a batch (shareable, survive reload)
 function route() {
+  $("#batch-view").hidden = true;
+  clearInterval(batchTimer);
+  const b = location.pathname.match(/^\/batches\/([^/]+)$/);
+  if (b) { openBatch(decodeURIComponent(b[1])); return; }
   const m = location.pathname.match(/^\/jobs\/([^/]+)$/);
   if (m) { openJob(decodeURIComponent(m[1])); return; }
   if (jobStream) { jobStream.close(); jobStream = null; }
