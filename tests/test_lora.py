@@ -48,6 +48,10 @@ def lora_dir(tmp_path: Path) -> Path:
                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(60, RANK)},
               str(d / "musubi.safetensors"))  # fmt: skip
     (d / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    g = torch.Generator().manual_seed(5)  # the original HunyuanVideo layout (fused qkv), converted by diffusers
+    save_file({"diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight": torch.randn(RANK, 20, generator=g) * 0.3,
+               "diffusion_model.double_blocks.0.img_attn_qkv.lora_B.weight": torch.randn(60, RANK, generator=g) * 0.3},
+              str(d / "original.safetensors"))  # fmt: skip
     return d
 
 
@@ -74,6 +78,10 @@ def test_a_lora_changes_the_video_for_its_job_only(tiny_dir, lora_dir, tmp_path)
     assert np.array_equal(after, never) and np.array_equal(after, plain)  # nothing inherited
     _, kohya = _run(models, lora_dir, tmp_path, "kohya", [("wiggle-kohya", 1.0)])
     assert np.abs(kohya - wiggled).mean() < 0.05  # the same adapter, written by kohya (alpha folded in)
+    original, video = _run(models, lora_dir, tmp_path, "original", [("original", 1.0)])
+    assert original.loras[0]["format"] == "hunyuan-original" and np.abs(video - plain).mean() > 1
+    _, both = _run(models, lora_dir, tmp_path, "both", [("wiggle", 1.0), ("original", 1.0)])
+    assert np.abs(both - wiggled).mean() > 1 and np.abs(both - video).mean() > 1  # several at once
 
 
 def test_unusable_files_are_refused_saying_why(tiny_models, lora_dir, tmp_path):
