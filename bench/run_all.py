@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from . import bench_gpu, bench_latency, bench_leak, bench_overhead, bench_preview
+from . import bench_checkpoint, bench_gpu, bench_latency, bench_leak, bench_overhead, bench_preview
 from .harness import machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +25,7 @@ MODULES = {
     "latency": bench_latency,
     "overhead": bench_overhead,
     "leak": bench_leak,
+    "checkpoint": bench_checkpoint,
     "gpu": bench_gpu,
 }
 

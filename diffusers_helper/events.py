@@ -76,4 +76,17 @@ class SectionDone:
         return f"Total generated frames: {self.frames}, Video length: {self.seconds:.2f} seconds (FPS-30)"
 
 
-Event = Stage | Progress | PreviewReady | SectionDone
+@dataclass(frozen=True)
+class Resumed:
+    """A redelivered job continues after ``section`` of ``sections`` (restored from its
+    checkpoint, not sampled again)."""
+
+    section: int
+    sections: int
+
+    @property
+    def message(self) -> str:
+        return f"Resumed after section {self.section}/{self.sections} (restored from its checkpoint)"
+
+
+Event = Stage | Progress | PreviewReady | SectionDone | Resumed

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from . import checkpoint, prompts
 from . import events as ev
-from . import prompts
 from .buckets import fit_to_bucket, resize_and_center_crop
 from .params import FPS, JobParams, Variant
 from .preview import LatentToRGB, make_preview
@@ -69,6 +69,10 @@ class OutputLayout:
     def end_image(self) -> Path:
         return self.directory / f"{self.stem}-end.png"
 
+    @property
+    def checkpoint(self) -> Path:
+        return self.directory / f"{self.stem}-checkpoint.safetensors"
+
     def section(self, k: int) -> Path:
         return self.directory / f"{self.stem}-section-{k:02d}.mp4"
 
@@ -93,6 +97,11 @@ class GenerationResult:
     prompt_schedule: list[dict[str, Any]] = field(default_factory=list)
     #: The LoRAs applied: name, weight, file hash, format.
     loras: list[dict[str, Any]] = field(default_factory=list)
+    #: Sections a redelivered job did not run again (restored from its checkpoint).
+    resumed_from_section: int | None = None
+    #: Sections of the video this job extended (its sections are numbered after them).
+    extended_sections: int = 0
+    checkpoint_bytes: int = 0
 
     @property
     def seed(self) -> int:
@@ -130,13 +139,18 @@ def generate(
     end_image: Image.Image | None = None,
     cache_threshold: float = TEACACHE_THRESHOLD,
     lora_dir: Path | None = None,
+    resume: bool = False,
+    extend_from: Path | None = None,
 ) -> GenerationResult:
     """Generate one video; returns a result whose ``status`` is succeeded or cancelled.
 
     ``on_event`` receives :mod:`diffusers_helper.events`; ``should_cancel`` is polled at
     every stage and every sampling step, and a ``True`` stops at once, keeping the
     sections already written (no final video is claimed).  ``lora_dir`` holds the files
-    ``params.loras`` names.
+    ``params.loras`` names.  After every section a checkpoint is written
+    (:mod:`diffusers_helper.checkpoint`): with ``resume`` a run continues after the last
+    section its checkpoint holds (if it matches these parameters); ``extend_from`` (another
+    job's checkpoint, F1 only) continues that job's finished video forward.
     """
     emit = on_event or (lambda _e: None)
     cancelled = should_cancel or (lambda: False)
@@ -158,13 +172,21 @@ def generate(
     if end_image is not None and params.model is not Variant.FRAMEPACK:
         raise ValueError("end_image: the framepack-f1 model cannot take an end image")
     variant, lws, steps = params.model, params.latent_window_size, params.steps
+    extending = checkpoint.load(extend_from) if extend_from is not None else None
+    if extend_from is not None:
+        if variant is not Variant.FRAMEPACK_F1:
+            raise ValueError("extend: only the framepack-f1 model continues a video forward")
+        if extending is None:
+            raise ValueError("extend: the video to extend has no checkpoint (made before checkpoints, or expired)")
     sections = section_count(params.total_second_length, lws)
     timeline = prompts.schedule(params.prompt, params.prompts, sections, lws)
     in_order = prompts.generation_order(timeline, variant)
     blends = prompts.blend_weights([p.text for p in in_order], params.prompt_blend_sections)
+    base = extending[1]["video_sections"] if extending else 0  # sections of the video before this job's
     output.directory.mkdir(parents=True, exist_ok=True)
     result = GenerationResult(status="cancelled", params=params, sections=sections, timings=timings,
-                              prompt_schedule=[dataclasses.asdict(p) for p in timeline])  # fmt: skip
+                              prompt_schedule=[dataclasses.asdict(p) for p in timeline],
+                              extended_sections=base)  # fmt: skip
     emit(ev.Stage(ev.STAGE_STARTING))
 
     try:
@@ -213,43 +235,65 @@ def generate(
             t = lap("image_processing", t)
 
             # 5. Sample, section by section (previews and progress every step, the video so far
-            #    after every section).
+            #    and a checkpoint after every section).
             mapper = LatentToRGB(pipe.transformer.config.out_channels)
             total_steps = sections * steps
             t_sampling = time.perf_counter()
+            first_step = [0]  # steps this run did not sample (restored), for the ETA
 
             def on_step(k: int, s: int, x0: torch.Tensor) -> None:
                 check_cancel()
-                emit(ev.PreviewReady(make_preview(x0, mapper), section=k, step=s))
+                emit(ev.PreviewReady(make_preview(x0, mapper), section=base + k, step=s))
                 done = (k - 1) * steps + s
                 elapsed = time.perf_counter() - t_sampling
-                eta = elapsed / done * (total_steps - done)
-                emit(ev.Progress(done / total_steps, k, sections, s, steps, round(eta, 3), round(elapsed, 3),
-                                 prompt=in_order[k - 1].text))  # fmt: skip
+                eta = elapsed / max(done - first_step[0], 1) * (total_steps - done)
+                emit(ev.Progress(done / total_steps, base + k, base + sections, s, steps, round(eta, 3),
+                                 round(elapsed, 3), prompt=in_order[k - 1].text))  # fmt: skip
 
             sampler = Sampler(pipe, variant=variant, sections=sections, latent_window_size=lws, steps=steps,
                               height=height, width=width, guidance_scale=params.gs, true_cfg_scale=params.cfg,
                               rescale=params.rs, generator=generator, on_step=on_step)  # fmt: skip
+            # what a checkpoint must agree on to continue this run
+            agreement = {"params": params.public_dict(), "prompts": [list(b) for b in blends],
+                         "loras": [[x["sha256"], x["weight"]] for x in loras], "profile": models.profile.name,
+                         "video_sections": base + sections}  # fmt: skip
             cache = StepCache(pipe.transformer, params.use_teacache, cache_threshold, 2 if negative else 1)
             try:
                 check_cancel()
                 for stage in (ev.STAGE_VAE, ev.STAGE_CLIP):
                     emit(ev.Stage(stage))
-                sampler.encode_images(start, last)
+                restored = checkpoint.load(output.checkpoint) if resume else None
+                why = checkpoint.mismatch(restored[1], agreement) if restored else "no checkpoint"
+                if restored and why is None:
+                    done = sampler.restore(*restored)
+                    first_step[0] = done * steps
+                    result.resumed_from_section = done
+                    result.section_videos = [output.section(base + k) for k in range(1, done + 1)]
+                    emit(ev.Resumed(base + done, base + sections))
+                else:
+                    if resume and restored:
+                        log.warning("not resuming: the checkpoint's %s", why)
+                    if extending:
+                        sampler.restore(*extending, continue_forward=True)
+                    else:
+                        sampler.encode_images(start, last)
                 emit(ev.Stage(ev.STAGE_SAMPLING))
                 with cache:
-                    for k in range(sections):
+                    for k in range(sampler.state.done, sections):
                         video = sampler.run_section(conds[k], negative)
                         if not torch.isfinite(video).all():
                             raise ValueError(
-                                f"section {k + 1} decoded to NaN or infinite values (a LoRA weight too high, or "
-                                "fp16 overflow): nothing to write"
+                                f"section {base + k + 1} decoded to NaN or infinite values (a LoRA weight too "
+                                "high, or fp16 overflow): nothing to write"
                             )
                         frames = video_tensor_to_frames(video)
-                        path = write_mp4(output.section(k + 1), frames, crf=params.mp4_crf)
+                        path = write_mp4(output.section(base + k + 1), frames, crf=params.mp4_crf)
+                        tensors, meta = sampler.checkpoint()
+                        result.checkpoint_bytes = checkpoint.save(output.checkpoint, tensors, {**meta, **agreement})
                         result.section_videos.append(path)
                         result.frames = len(frames)  # the video so far; the final count replaces it below
-                        emit(ev.SectionDone(k + 1, sections, path, len(frames), output_seconds(len(frames))))
+                        emit(ev.SectionDone(base + k + 1, base + sections, path, len(frames),
+                                            output_seconds(len(frames))))  # fmt: skip
             finally:
                 result.cache_skipped_steps = cache.skipped
                 result.transformer_calls = cache.calls
@@ -299,6 +343,9 @@ def sidecar(result: GenerationResult, models: Models) -> dict[str, Any]:
         "input_image": result.input_image.name if result.input_image else None,
         "prompt_schedule": result.prompt_schedule,
         "loras": result.loras,
+        "resumed_from_section": result.resumed_from_section,
+        "extended_sections": result.extended_sections,
+        "checkpoint_bytes": result.checkpoint_bytes,
         "cache": {
             "enabled": p.use_teacache,
             "transformer_calls": result.transformer_calls,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "FPS",
     "MAX_SEED",
+    "ExtendParams",
     "JobParams",
     "LoraSpec",
     "PromptSpan",
@@ -182,6 +183,19 @@ class JobParams(BaseModel):
         data = self.model_dump(mode="json", exclude={"end_image"})
         data["has_end_image"] = self.end_image is not None
         return data
+
+
+class ExtendParams(BaseModel):
+    """How to extend a finished video (``POST /api/jobs/<id>/extend``): the F1 model
+    continues it forward from its last checkpoint, with its other parameters unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(ge=1, le=120, title="Seconds to add", description="Length of the continuation.")
+    prompt: str | None = Field(None, max_length=4000, title="Prompt", description="The continuation's prompt "
+                               "(timestamps count from where the video ended); absent: the original's.")  # fmt: skip
+    prompts: list[PromptSpan] | None = Field(None, max_length=64, title="Timestamped prompts")
+    prompt_blend_sections: int | None = Field(None, ge=0, le=10, title="Prompt blend (sections)")
 
 
 def field_errors(exc: ValidationError) -> list[dict[str, str]]:

@@ -52,15 +52,31 @@ class PromptCond:
         )
 
 
+@dataclass(frozen=True)
+class Decode:
+    """One VAE decode that built the video: latent frames ``[start, end)`` of the timeline,
+    and how the result joined the video so far (``first``, blended ``before`` it: the
+    original model, or ``after`` it: F1)."""
+
+    start: int
+    end: int
+    mode: str
+
+
 @dataclass
 class SectionState:
-    """What a finished section leaves for the next one: enough to continue exactly."""
+    """What the finished sections leave behind: enough to continue exactly.
+
+    ``timeline`` holds every generated latent frame in time order (the start image's
+    latent included once it is part of the video).  FramePack's clean-latent history is
+    ``timeline`` with the 19 empty history frames before it (F1) or after it (original),
+    and the video so far is the replay of ``decodes`` on it — so neither needs storing."""
 
     done: int  # sections finished
-    history_latents: torch.Tensor  # float32, FramePack's clean-latent history
-    generated_latent_frames: int
+    timeline: torch.Tensor  # (1, C, T, h, w) float32
+    decodes: list[Decode]
     generator_state: torch.Tensor  # torch.Generator.get_state() after the last section
-    history_video: torch.Tensor | None = field(default=None, repr=False)  # decoded so far (not checkpointed)
+    history_video: torch.Tensor | None = field(default=None, repr=False)  # decoded so far (rebuilt, not stored)
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
@@ -137,20 +153,23 @@ class Sampler:
         self.state = self._initial_state()
 
     def _initial_state(self) -> SectionState:
-        channels = self.pipe.transformer.config.in_channels
-        h, w = self.height // self.pipe.vae_scale_factor_spatial, self.width // self.pipe.vae_scale_factor_spatial
+        # F1 continues forward from the start image; the original model ends on it
+        timeline = self.image_latents[:, :, :0] if self.inverted else self.image_latents
+        return SectionState(0, timeline, [], self.generator.get_state())
+
+    @property
+    def history_latents(self) -> torch.Tensor:
+        """FramePack's clean-latent history: the timeline and the empty history frames."""
+        timeline = self.state.timeline
         sizes = HISTORY_ORIGINAL if self.inverted else HISTORY_F1
-        history = torch.zeros(1, channels, sum(sizes), h, w, device=self.device, dtype=torch.float32)
-        generated = 0
-        if not self.inverted:  # F1 continues forward from the start image
-            history = torch.cat([history, self.image_latents], dim=2)
-            generated = 1
-        return SectionState(0, history, generated, self.generator.get_state())
+        empty = torch.zeros(*timeline.shape[:2], sum(sizes), *timeline.shape[3:], device=timeline.device,
+                            dtype=torch.float32)  # fmt: skip
+        return torch.cat([timeline, empty], dim=2) if self.inverted else torch.cat([empty, timeline], dim=2)
 
     # -- one section ----------------------------------------------------------------------------
     def _layout(self, k: int) -> dict[str, Any]:
         """The clean latents and frame indices the transformer sees in section ``k`` (0-based)."""
-        history = self.state.history_latents
+        history = self.history_latents
         if self.inverted:
             sizes = HISTORY_ORIGINAL
             paddings = list(reversed(range(self.sections)))
@@ -233,27 +252,63 @@ class Sampler:
     def _append(self, latents: torch.Tensor) -> torch.Tensor:
         """FramePack's history update and decode: the new section is decoded and blended
         into the video so far over ``(lws - 1) * 4 + 1`` frames."""
-        pipe, state = self.pipe, self.state
+        state = self.state
         last = state.done == self.sections - 1
-        if self.inverted:
+        if self.inverted:  # the video grows towards its start: earlier decodes move right
             if last:
                 latents = torch.cat([self.image_latents, latents], dim=2)
-            generated = state.generated_latent_frames + latents.shape[2]
-            history = torch.cat([latents, state.history_latents], dim=2)
-            real = history[:, :, :generated]
-            decode = real[:, :, : (self.lws * 2 + 1) if last else self.lws * 2]
+            timeline = torch.cat([latents, state.timeline], dim=2)
+            n = latents.shape[2]
+            decodes = [Decode(d.start + n, d.end + n, d.mode) for d in state.decodes]
+            length = timeline.shape[2] if not decodes else (self.lws * 2 + 1 if last else self.lws * 2)
+            new = Decode(0, length, "before" if decodes else "first")
         else:
-            generated = state.generated_latent_frames + latents.shape[2]
-            history = torch.cat([state.history_latents, latents], dim=2)
-            real = history[:, :, -generated:]
-            decode = real[:, :, -self.lws * 2 :]
-        vae = pipe.vae
-        if state.history_video is None:
-            video = vae.decode(real.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        else:
-            overlap = (self.lws - 1) * pipe.vae_scale_factor_temporal + 1
-            current = vae.decode(decode.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-            video = (pipe._soft_append(current, state.history_video, overlap) if self.inverted
-                     else pipe._soft_append(state.history_video, current, overlap))  # fmt: skip
-        self.state = SectionState(state.done + 1, history, generated, self.generator.get_state(), video)
+            timeline = torch.cat([state.timeline, latents], dim=2)
+            decodes = list(state.decodes)
+            end = timeline.shape[2]
+            new = Decode(end - self.lws * 2, end, "after") if decodes else Decode(0, end, "first")
+        video = self._decode(timeline, new, state.history_video)
+        self.state = SectionState(state.done + 1, timeline, [*decodes, new], self.generator.get_state(), video)
         return video
+
+    def _decode(self, timeline: torch.Tensor, op: Decode, video: torch.Tensor | None) -> torch.Tensor:
+        pipe, vae = self.pipe, self.pipe.vae
+        current = vae.decode(timeline[:, :, op.start : op.end].to(vae.dtype) / vae.config.scaling_factor,
+                             return_dict=False)[0]  # fmt: skip
+        if op.mode == "first":
+            return current
+        overlap = (self.lws - 1) * pipe.vae_scale_factor_temporal + 1
+        return pipe._soft_append(current, video, overlap) if op.mode == "before" else pipe._soft_append(
+            video, current, overlap)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What continues this job exactly: tensors, and the rest as JSON-ready values."""
+        tensors = {"timeline": self.state.timeline.contiguous(), "image_latents": self.image_latents,
+                   "image_embeds": self.image_embeds, "generator_state": self.state.generator_state}  # fmt: skip
+        if self.last_image_latents is not None:
+            tensors["last_image_latents"] = self.last_image_latents
+        meta = {"variant": self.variant.value, "done": self.state.done, "sections": self.sections,
+                "latent_window_size": self.lws, "steps": self.steps, "height": self.height, "width": self.width,
+                "decodes": [[d.start, d.end, d.mode] for d in self.state.decodes]}  # fmt: skip
+        return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, meta
+
+    @torch.no_grad()
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, continue_forward: bool = False) -> int:
+        """Continue from a checkpoint: the same job after its worker died, or (with
+        ``continue_forward``) a new F1 job that extends a finished video of either model.
+        The video so far is rebuilt by replaying its decodes; returns the sections done."""
+        dev = self.device
+        self.image_latents = tensors["image_latents"].to(dev)
+        self.image_embeds = tensors["image_embeds"].to(dev, self.dtype)
+        last = tensors.get("last_image_latents")
+        self.last_image_latents = None if last is None or continue_forward else last.to(dev)
+        self.generator.set_state(tensors["generator_state"])
+        timeline = tensors["timeline"].to(dev)
+        decodes = [Decode(*d) for d in meta["decodes"]]
+        video = None
+        for op in decodes:
+            video = self._decode(timeline, op, video)
+        done = 0 if continue_forward else meta["done"]
+        self.state = SectionState(done, timeline, decodes, self.generator.get_state(), video)
+        return meta["done"]

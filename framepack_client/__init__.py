@@ -92,6 +92,11 @@ class FramePackClient:
             entries.append(entry)
         return self._json(self.http.post("/api/batches", json={"defaults": defaults or {}, "jobs": entries}))
 
+    def extend(self, job_id: str, seconds: float, prompt: str | None = None, **fields: Any) -> dict[str, Any]:
+        """A new job continuing a succeeded job's video forward by ``seconds`` (F1)."""
+        body = {"seconds": seconds, **fields, **({"prompt": prompt} if prompt is not None else {})}
+        return self._json(self.http.post(f"/api/jobs/{job_id}/extend", json=body))
+
     def batch(self, batch_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/api/batches/{batch_id}"))
 

@@ -2,6 +2,7 @@
 
     framepack-client submit photo.jpg --prompt "..." --set total_second_length=5 --lora NAME:0.8 -o out.mp4
     framepack-client batch jobs.jsonl [--set steps=25] [-o DIR]
+    framepack-client extend JOB_ID --seconds 3 [--prompt "..."] [-o longer.mp4]
     framepack-client watch JOB_ID [-o out.mp4]
     framepack-client status JOB_ID | cancel JOB_ID | list | loras
 
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="defaults for every entry")
     b.add_argument("-o", "--output", default=None, help="download every video into this directory")
     b.add_argument("--no-wait", action="store_true")
+    x = sub.add_parser("extend", help="continue a finished video forward (F1), follow it, download")
+    x.add_argument("job_id")
+    x.add_argument("--seconds", type=float, required=True)
+    x.add_argument("--prompt", default=None)
+    x.add_argument("-o", "--output", default=None)
+    x.add_argument("--no-wait", action="store_true")
     w = sub.add_parser("watch", help="follow a job with progress bars")
     w.add_argument("job_id")
     w.add_argument("-o", "--output", default=None)
@@ -69,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(job["id"])
                     return 0
                 return _follow(client, job["id"], args.output, args.previews)
+            if args.command == "extend":
+                job = client.extend(args.job_id, args.seconds, args.prompt)
+                print(f"job {job['id']} extends {args.job_id} (position {job.get('position')})", file=sys.stderr)
+                if args.no_wait:
+                    print(job["id"])
+                    return 0
+                return _follow(client, job["id"], args.output, None)
             if args.command == "batch":
                 return _batch(client, Path(args.file), _params(args.set), args.output, args.no_wait)
             if args.command == "watch":

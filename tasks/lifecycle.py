@@ -127,8 +127,8 @@ class Lifecycle:
         return decode_record(self.r.hgetall(Keys.job(job_id)))
 
     # -- queued ----------------------------------------------------------------------------
-    def submit(self, job_id: str, params: dict[str, Any], profile: str, image_png: bytes,
-               end_png: bytes | None, batch: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def submit(self, job_id: str, params: dict[str, Any], profile: str, image_png: bytes, end_png: bytes | None,
+               batch: str | None = None, extends: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Record a queued job and its input, all or nothing (before it is dispatched)."""
         now = time.time()
         number = self.r.incr(Keys.SUBMITTED)
@@ -136,6 +136,8 @@ class Lifecycle:
                   "created_at": repr(now), "attempts": "0", "seq": "0"}  # fmt: skip
         if batch is not None:
             record["batch"] = batch
+        if extends is not None:
+            record["extends"] = extends
         p = self.r.pipeline(transaction=True)
         p.hset(Keys.job(job_id), mapping=record)
         p.expire(Keys.job(job_id), self.ttl)

@@ -133,6 +133,7 @@ JOB_FIELDS = (
     "result",  # JSON: final summary (video, frames, seconds, seed, sections)
     "seq",  # the last update's seq (a redelivered run goes on from it)
     "batch",  # the batch the job was submitted in, if any
+    "extends",  # the finished job whose video this one continues, if any
 )
 
 

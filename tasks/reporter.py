@@ -46,6 +46,7 @@ class Reporter:
         attempts: int = 1,
         hostname: str | None = None,
         progress_interval: float = 0.1,
+        sections_done: list[dict[str, Any]] | None = None,
     ):
         self.task, self.job_id, self.lifecycle = task, job_id, lifecycle
         self.hostname = hostname  # the Celery worker's, for the events it sends
@@ -53,8 +54,9 @@ class Reporter:
         self.seq = seq  # a redelivered job continues its predecessor's sequence
         self.written = 0
         self.dropped = 0
-        self.fields: dict[str, Any] = {"started_at": started_at, "sections_done": [], "progress": 0.0,
-                                       "attempts": attempts}  # fmt: skip
+        # a redelivered job keeps announcing the sections its predecessor finished
+        self.fields: dict[str, Any] = {"started_at": started_at, "sections_done": list(sections_done or []),
+                                       "progress": 0.0, "attempts": attempts}  # fmt: skip
         self._preview: Any = None
         self._pending: deque[tuple[str, dict[str, Any]]] = deque()  # (event, fields of that moment)
         self._cond = threading.Condition()
@@ -81,6 +83,9 @@ class Reporter:
                 )  # fmt: skip
                 if e.step == e.steps or time.monotonic() - self._last_queued >= self.progress_interval:
                     self._queue("progress")
+            elif isinstance(e, ev.Resumed):
+                self.fields.update(stage=e.message, message=e.message, resumed_from_section=e.section)
+                self._queue("stage", {"stage": e.message, "message": e.message})
             elif isinstance(e, ev.SectionDone):
                 self.fields["sections_done"] = self.fields["sections_done"] + [
                     {"section": e.section, "frames": e.frames, "seconds": round(e.seconds, 3), "file": e.path.name}

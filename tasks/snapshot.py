@@ -23,6 +23,7 @@ class Links(BaseModel):
     video: str
     input: str
     cancel: str
+    extend: str
     page: str
 
 
@@ -33,6 +34,7 @@ def job_links(job_id: str) -> dict[str, str]:
         "video": f"/api/jobs/{job_id}/video",
         "input": f"/api/jobs/{job_id}/input",
         "cancel": f"/api/jobs/{job_id}/cancel",
+        "extend": f"/api/jobs/{job_id}/extend",
         "page": f"/jobs/{job_id}",
     }
 
@@ -84,6 +86,7 @@ class JobView(BaseModel):
     params: dict[str, Any] | None
     profile: str | None
     batch: str | None = Field(description="The batch it was submitted in")
+    extends: str | None = Field(description="The finished job whose video this one continues")
     links: Links
 
 
@@ -187,6 +190,7 @@ def build_view(
         "params": record.get("params"),
         "profile": record.get("profile"),
         "batch": record.get("batch"),
+        "extends": record.get("extends"),
         "links": job_links(job_id),
     }
     return view

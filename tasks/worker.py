@@ -281,21 +281,22 @@ def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> str | Non
             log.warning("job %s is running on %s: this delivery is dropped", job_id, start.record.get("worker"))
         raise Ignore()
     record = start.record or {}
-    latest = lc.r.get(Keys.celery_meta(job_id))
-    last_seq = max(record.get("seq", 0), int(((json.loads(latest) if latest else {}).get("result") or {}).get("seq")
-                                              or 0))  # fmt: skip
+    raw = lc.r.get(Keys.celery_meta(job_id))
+    previous = ((json.loads(raw) if raw else {}).get("result") or {}) if start.attempts > 1 else {}
+    last_seq = max(record.get("seq", 0), int(previous.get("seq") or 0))
     reporter = Reporter(self, job_id, lc, record.get("started_at") or time.time(), last_seq,
                         attempts=start.attempts, hostname=self.request.hostname,
-                        progress_interval=STATE.settings.progress_interval)  # fmt: skip
+                        progress_interval=STATE.settings.progress_interval,
+                        sections_done=previous.get("sections_done") or [])  # fmt: skip
     STATE.current_job = job_id
     try:
-        return _run(reporter, lc, job_id, params)
+        return _run(reporter, lc, job_id, params, record.get("extends"))
     finally:
         reporter.close()
         STATE.current_job = None
 
 
-def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any]) -> str | None:
+def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any], extends: str | None) -> str | None:
     out_dir = STATE.settings.results_dir / job_id
     try:
         models = load_models()  # first: waits for a background load still running
@@ -311,7 +312,8 @@ def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any])
         result = generate(
             job, image, reporter.on_event, _cancel_check(job_id),
             models=models, output=OutputLayout(out_dir, "video"), end_image=end_image,
-            lora_dir=STATE.settings.lora_dir,
+            lora_dir=STATE.settings.lora_dir, resume=True,  # a redelivered job goes on after its last section
+            extend_from=OutputLayout(STATE.settings.results_dir / extends, "video").checkpoint if extends else None,
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 — every failure becomes a readable final state
         log.exception("job %s failed", job_id)
@@ -330,6 +332,9 @@ def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any])
         "cache_skipped_steps": result.cache_skipped_steps,
         "profile": models.profile.name,
         "loras": result.loras,
+        "resumed_from_section": result.resumed_from_section,
+        "extends": extends,
+        "extended_sections": result.extended_sections,
     }
     if result.status == "cancelled":
         lc.finish_patiently(job_id, JobState.CANCELLED, reason=Reason.CANCELLED, result=summary,

@@ -70,3 +70,14 @@ def test_gpu_skips_without_cuda_and_tiny_cpu_runs_every_phase() -> None:
         assert len(r["vae_decode_s"]) == r["sections"] == 1 and r["previews"] == r["steps"] == 2
     assert result["load"]["load_s"] > 0 and result["preview"]["on_device_ms"] > 0
     assert "python -m bench.bench_gpu --tiny-cpu" in bench_gpu.markdown(result)
+
+
+def test_checkpoint_benchmark_smoke() -> None:
+    from bench import bench_checkpoint
+
+    result = bench_checkpoint.run(smoke=True)
+    tiny = [r["bytes"] for r in result["tiny"]]
+    assert tiny == sorted(tiny) and tiny[0] > 0  # a checkpoint grows with the video
+    per = result["real_bytes_per_section"]
+    assert per == pytest.approx(9 * 16 * 80 * 76 * 4, abs=4096)  # 9 float32 latent frames at the 640 bucket
+    assert "MiB per section" in bench_checkpoint.markdown(result)

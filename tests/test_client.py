@@ -72,3 +72,14 @@ def test_batch_command_follows_every_job_and_fails_on_a_refused_entry(live, tmp_
     proc = subprocess.run(cmd[:6] + [str(bad), "--set", "total_second_length=1", "--set", "steps=2"],
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert proc.returncode == 1 and "entry 2 refused: cfg" in proc.stderr
+
+
+def test_extend_command(live, tmp_path):
+    with FramePackClient(live.base) as client:
+        job = client.submit(png_bytes(), total_second_length=1.2, steps=2, model="framepack-f1")
+        client.wait(job["id"], progress=False)
+    out = tmp_path / "longer.mp4"
+    proc = subprocess.run([sys.executable, "-m", "framepack_client.cli", "--server", live.base, "extend", job["id"],
+                           "--seconds", "1.2", "-o", str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_mp4(out)) == 37 + 36  # one section more

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_file
 from pydantic import ValidationError
 
 from diffusers_helper import lora_files
-from diffusers_helper.params import JobParams
+from diffusers_helper.params import ExtendParams, JobParams
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState
 
 from .errors import ApiError, from_image, from_validation, not_found
@@ -148,6 +148,26 @@ def cancel_job(job_id: str) -> Response:
         raise ApiError(409, f"state: the job already {view['state']}", "state")
     resp = jsonify(service().cancel(job_id))
     resp.status_code = 202
+    return resp
+
+
+@bp.post("/api/jobs/<job_id>/extend")
+def extend_job(job_id: str) -> Response:
+    """Continue a succeeded job's video forward (F1, from its last section checkpoint)."""
+    view = view_or_404(job_id)
+    body = request.get_json(silent=True) if request.mimetype == "application/json" else request.form.to_dict()
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: a JSON object (or a form) with seconds", "body")
+    ext = ExtendParams.model_validate(body)
+    if view["state"] != JobState.SUCCEEDED.value:
+        raise ApiError(409, f"state: only a succeeded job can be extended; this one is {view['state']}", "state")
+    if not service().checkpoint_path(job_id).is_file():
+        raise ApiError(409, "state: this job has no section checkpoint to continue from (made before checkpoints, "
+                            "or its files expired)", "state")  # fmt: skip
+    new = service().extend(job_id, view, ext)
+    resp = jsonify(new)
+    resp.status_code = 202
+    resp.headers["Location"] = new["links"]["self"]
     return resp
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from diffusers_helper.params import JobParams
+from diffusers_helper.params import ExtendParams, JobParams
 from tasks.snapshot import BatchView, JobList, JobView
 
 from .errors import ErrorBody
@@ -60,7 +60,8 @@ SSE_EVENT = {"type": "object", "required": ["data"],
 JOB_OPERATIONS = {
     "getJob": "GET /api/jobs/{job_id}", "cancelJob": "POST /api/jobs/{job_id}/cancel",
     "deleteJob": "DELETE /api/jobs/{job_id}", "getVideo": "GET /api/jobs/{job_id}/video",
-    "getInput": "GET /api/jobs/{job_id}/input", "legacyStatus": "GET /status/{job_id}",
+    "getInput": "GET /api/jobs/{job_id}/input", "extendJob": "POST /api/jobs/{job_id}/extend",
+    "legacyStatus": "GET /status/{job_id}",
     "legacyResult": "GET /result/{job_id}", "legacyCancel": "POST /cancel/{job_id}",
 }  # fmt: skip
 
@@ -102,6 +103,7 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
         "JobList": _schema(JobList, defs),
         "Error": _schema(ErrorBody, defs),
         "Batch": _schema(BatchView, defs),
+        "ExtendParams": _schema(ExtendParams, defs),
     }
     params = schemas["JobParams"]
     lora_json, lora_form = _lora_fields(lora_names, params)
@@ -171,6 +173,15 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
             },  # fmt: skip
             "/api/jobs/{job_id}/cancel": {"post": {"summary": "Cancel (cooperative)", "parameters": job_id,
                 "responses": responses(_202=job, _404=not_found, _409=err)}},
+            "/api/jobs/{job_id}/extend": {"post": {"summary": "Continue a succeeded job's video forward (F1): "
+                "a new job", "parameters": job_id,
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {**_ref("ExtendParams")}},
+                    "multipart/form-data": {"schema": {"type": "object", "required": ["seconds"],
+                        "additionalProperties": False, "properties": {
+                            k: _form_field(v) for k, v in schemas["ExtendParams"]["properties"].items()
+                            if k != "prompts"}}}}},
+                "responses": responses(_202=job, _400=err, _404=not_found, _409=err, _422=err)}},
             "/api/jobs/{job_id}/video": {"get": {"summary": "Final video (409 until the job succeeded)",
                 "parameters": job_id, "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"},
                                                              _404=not_found, _409=err, _416=err)}},

@@ -19,10 +19,10 @@ from typing import Any
 import redis
 from celery import Celery
 
-from diffusers_helper.params import JobParams
+from diffusers_helper.params import ExtendParams, JobParams
 from tasks.app import make_celery
 from tasks.lifecycle import Lifecycle, decode_record, new_job_id
-from tasks.protocol import QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, parse_celery_payload
+from tasks.protocol import INPUT_FILE, QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, parse_celery_payload
 from tasks.settings import Settings, connect
 from tasks.snapshot import batch_links, build_view, decorate, summary_of
 from tasks.sweeper import Broker, Sweeper
@@ -51,12 +51,12 @@ class Service:
 
     # -- transitions --------------------------------------------------------------------
     def submit(self, params: JobParams, image_png: bytes, end_png: bytes | None,
-               batch: str | None = None) -> dict[str, Any]:  # fmt: skip
+               batch: str | None = None, extends: str | None = None) -> dict[str, Any]:  # fmt: skip
         params = params.with_seed()  # chosen here, so a redelivered job reproduces
         job_id = new_job_id()
         stored = params.model_dump(mode="json")
         stored["end_image"] = "upload" if end_png is not None else None
-        view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png, batch)
+        view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png, batch, extends)
         try:
             self.celery.send_task(TASK_NAME, args=[job_id, stored], task_id=job_id, queue=QUEUE)
         except Exception:
@@ -103,6 +103,24 @@ class Service:
             if view is not None and JobState(view["state"]) not in TERMINAL:
                 self.cancel(job_id)
         return self.batch_view(batch_id)
+
+    def checkpoint_path(self, job_id: str) -> Path:
+        """Where the worker keeps a job's last section checkpoint (``diffusers_helper.checkpoint``)."""
+        return self.job_dir(job_id) / "video-checkpoint.safetensors"
+
+    def extend(self, job_id: str, original: dict[str, Any], ext: ExtendParams) -> dict[str, Any]:
+        """A new job that continues ``original`` (a finished job's snapshot) forward with F1:
+        its parameters, seed and input, the new length and, if given, new prompts."""
+        from diffusers_helper.prompts import parse
+
+        params = {k: v for k, v in original["params"].items() if k not in ("end_image", "has_end_image")}
+        params.update(model="framepack-f1", total_second_length=ext.seconds,
+                      prompt=ext.prompt if ext.prompt is not None else parse(params.get("prompt", ""))[0],
+                      prompts=[p.model_dump() for p in ext.prompts] if ext.prompts else None)  # fmt: skip
+        if ext.prompt_blend_sections is not None:
+            params["prompt_blend_sections"] = ext.prompt_blend_sections
+        image = (self.job_dir(job_id) / INPUT_FILE).read_bytes()
+        return self.submit(JobParams.model_validate(params), image, None, extends=job_id)
 
     def delete(self, job_id: str) -> None:
         self.lifecycle.delete(job_id)

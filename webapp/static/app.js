@@ -329,7 +329,8 @@ function renderJob(job) {
     const meta = { seed: r.seed, frames: r.frames, seconds: r.seconds, size: `${r.width}×${r.height}`,
       profile: r.profile, "sampling time": fmtSeconds(r.timings && r.timings.sampling), "total time": fmtSeconds(r.timings && r.timings.total),
       "cache-skipped steps": r.cache_skipped_steps,
-      LoRAs: (r.loras || []).map((l) => `${l.name} × ${l.weight} (${l.sha256.slice(0, 12)})`).join(", ") };
+      LoRAs: (r.loras || []).map((l) => `${l.name} × ${l.weight} (${l.sha256.slice(0, 12)})`).join(", "),
+      "resumed after section": r.resumed_from_section ?? "", extends: r.extends ? `${r.extends} (+${r.extended_sections} sections before)` : "" };
     $("#job-meta").innerHTML = "";
     for (const [k, v] of Object.entries(meta)) {
       if (v === undefined || v === "") continue;
@@ -368,6 +369,17 @@ function openJob(id) {
       renderJob(job);
     },
   });
+  $("#extend-form").onsubmit = async (e) => {
+    e.preventDefault();
+    $("#error-extend").textContent = "";
+    const body = { seconds: Number($("#extend-seconds").value) };
+    if ($("#extend-prompt").value.trim()) body.prompt = $("#extend-prompt").value;
+    const resp = await fetch(`/api/jobs/${encodeURIComponent(id)}/extend`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    const out = await resp.json().catch(() => ({ error: `HTTP ${resp.status}` }));
+    if (resp.status !== 202) { $("#error-extend").textContent = out.error; return; }
+    navigate(`/jobs/${out.id}`);
+  };
   $("#cancel-btn").onclick = async () => {
     $("#cancel-btn").disabled = true;
     await fetch(`/api/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
