@@ -294,7 +294,10 @@ class Lifecycle:
             pipe.zrem(Keys.QUEUED, job_id)
             pipe.zrem(Keys.RUNNING, job_id)
             pipe.hdel(Keys.MISSING, job_id)
-            pipe.delete(Keys.heartbeat(job_id), Keys.input(job_id), Keys.end_image(job_id))
+            if JobState(rec["state"]) is JobState.QUEUED:  # never ran: its input is nowhere else, keep it
+                pipe.delete(Keys.heartbeat(job_id))
+            else:  # the worker keeps it with the job's files
+                pipe.delete(Keys.heartbeat(job_id), Keys.input(job_id), Keys.end_image(job_id))
             pipe.set(meta_key, doc, ex=self.ttl)
             pipe.publish(meta_key, doc)
             pipe.publish(Keys.EVENTS, feed_event("finished", job_id, state, seq=seq, summary=summary_of(view),

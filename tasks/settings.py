@@ -75,6 +75,8 @@ class Settings:
     #: How long a worker keeps retrying a job's final through an outage.
     final_retry_seconds: float = 600.0
     torch_threads: int = 0
+    #: The original API's POST /cleanup_jobs keeps this many finished jobs.
+    max_completed_jobs: int = 100
     max_upload_bytes: int = 32 * 2**20
     ws_send_buffer: int = 256 * 1024
 
@@ -101,6 +103,7 @@ class Settings:
             redis_retry_seconds=_num(env, "FRAMEPACK_REDIS_RETRY_SECONDS", d.redis_retry_seconds),
             final_retry_seconds=_num(env, "FRAMEPACK_FINAL_RETRY_SECONDS", d.final_retry_seconds),
             torch_threads=_num(env, "FRAMEPACK_TORCH_THREADS", d.torch_threads, int),
+            max_completed_jobs=_num(env, "FRAMEPACK_MAX_COMPLETED_JOBS", d.max_completed_jobs, int),
             max_upload_bytes=_num(env, "FRAMEPACK_MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
             ws_send_buffer=_num(env, "FRAMEPACK_WS_SEND_BUFFER", d.ws_send_buffer, int),
         )

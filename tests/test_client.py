@@ -79,7 +79,8 @@ def test_extend_command(live, tmp_path):
         job = client.submit(png_bytes(), total_second_length=1.2, steps=2, model="framepack-f1")
         client.wait(job["id"], progress=False)
     out = tmp_path / "longer.mp4"
-    proc = subprocess.run([sys.executable, "-m", "framepack_client.cli", "--server", live.base, "extend", job["id"],
-                           "--seconds", "1.2", "-o", str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    cmd = [sys.executable, "-m", "framepack_client.cli", "--server", live.base, "extend", job["id"],
+           "--seconds", "1.2", "-o", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(read_mp4(out)) == 37 + 36  # one section more

@@ -78,37 +78,6 @@ def test_submit_watch_and_download(live):
     assert httpx.get(f"{live.base}/api/jobs/{job['id']}/input").headers["content-type"] == "image/png"
 
 
-def test_sse_compat_stream_carries_previews_then_status(live):
-    r = httpx.post(
-        live.base + "/generate",
-        files={"image": ("in.png", png_bytes(), "image/png")},
-        data={"prompt": "x", "video_length": "2", "steps": "4", "seed": "-1", "sampling_mode": "forward"},
-    )
-    assert r.status_code == 200, r.text
-    job_id = r.json()["job_id"]
-    events = []
-    with httpx.stream("GET", f"{live.base}/stream/status/{job_id}", timeout=90) as resp:
-        name = None
-        for line in resp.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
-    assert events[-1][0] == "status" and events[-1][1]["status"] == "completed"
-    assert events[-1][1]["progress"] == 100
-    progress = [d for n, d in events if n == "progress"]
-    dupes = [(a, b) for a, b in zip(progress, progress[1:], strict=False) if a == b]
-    assert not dupes, f"a progress event repeated: {dupes[:1]} of {[(d['progress_info']) for d in progress]}"
-    processing = [d for d in progress if d["status"] == "processing"]
-    assert any("preview_image_base64" in d for d in processing)
-    _jpeg(next(d["preview_image_base64"] for d in processing if "preview_image_base64" in d))
-    status = httpx.get(f"{live.base}/status/{job_id}").json()
-    assert status["status"] == "completed" and status["progress_total"] == status["progress_step"] == 8
-    params = live.job(job_id)["params"]
-    assert params["model"] == "framepack-f1" and params["seed"] >= 0  # -1 became a real seed
-    assert httpx.get(f"{live.base}/download/video/{job_id}").status_code == 200
-
-
 def test_two_watchers_same_sequence_and_late_watcher_gets_sections(live):
     blocker = live.submit(total_second_length=2, steps=20)  # keeps the job queued while both connect
     job = live.submit(total_second_length=4, steps=12)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, send_from_directory
+from flask_swagger_ui import get_swaggerui_blueprint
 
 from diffusers_helper import lora_files
 from tasks import settings as settings_module
@@ -77,9 +78,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return resp
 
     @app.get("/api/openapi.json")
+    @app.get("/openapi.json")  # where the original API's clients look for it
     def openapi_json() -> Response:
         names = tuple(entry["name"] for entry in lora_files.list_loras(s.lora_dir))
         return jsonify(openapi.document(names))
+
+    # /docs: an interactive page for the document, its files served from the package (no CDN)
+    app.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "framepack-celery"}))
 
     # Everything allocated so far (modules, the app) lives as long as the process: keep it
     # out of the collector's way, so full collections stay short under many sockets.

@@ -1,150 +1,401 @@
-"""The original FramePack API's routes, for its existing clients.
+"""The original FramePack API (a FastAPI fork of FramePack), exactly as its clients use it.
 
-Same field names (``video_length`` for seconds, ``sampling_mode`` reverse|forward, seed
-−1 = random), same status words (``pending``, ``processing``, ``completed``, ``failed``,
-``cancelled``), progress 0–100.  ``/stream/status/<id>`` is Server-Sent Events fed by the
-same hub as the WebSocket, and it finally carries the preview the original never sent.
+Its own tests, its Swagger form and its React EventSource client rely on: a form-only
+``POST /generate`` without bounds (what it accepts we accept: values outside our ranges
+are clamped or rounded, and the reply says so under ``adjusted``), FastAPI's error shape
+(``{"detail": "Job not found"}``; validation: ``{"detail": [{loc, msg, type}]}``), the
+status words ``pending``, ``processing``, ``completed``, ``cancelled``, ``failed - <reason>``,
+and the shapes below.  Our own API (``/api/...``) keeps its stricter validation; the
+differences that remain are listed in ``docs/protocol.md`` ("The original API").
+
+Everything reads the same job snapshots as the rest of the web tier; the event streams are
+fed by the same hub as the WebSockets.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Iterator
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context
-from pydantic import ValidationError
-from werkzeug.datastructures import MultiDict
+from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context, url_for
+from pydantic import TypeAdapter, ValidationError
 
-from tasks.protocol import LEGACY_STATUS, TERMINAL, JobState
+from diffusers_helper import lora_files
+from diffusers_helper.params import MAX_SEED, JobParams
+from tasks.protocol import TERMINAL, JobState, Keys
 
-from .api import cancel_job, job_video, service, submit_from_request, view_or_404
-from .errors import from_image, from_validation
-from .uploads import ImageError
+from .service import Service
+from .uploads import ImageError, normalise
 
 bp = Blueprint("compat", __name__)
 
-#: legacy field -> schema field
-RENAMES = {"video_length": "total_second_length", "sampling_mode": "model"}
+
+def service() -> Service:
+    from flask import current_app
+
+    return current_app.extensions["framepack"]
+
+
+class LegacyError(Exception):
+    """An error in FastAPI's shape: ``{"detail": ...}`` with the status FastAPI would use."""
+
+    def __init__(self, status: int, detail: Any):
+        super().__init__(str(detail))
+        self.status, self.detail = status, detail
+
+
+@bp.errorhandler(LegacyError)
+def _legacy_error(exc: LegacyError) -> Response:
+    resp = jsonify({"detail": exc.detail})
+    resp.status_code = exc.status
+    return resp
+
+
+# -- POST /generate ------------------------------------------------------------------------
+#: The fork's form: name -> (type, default).  Types are checked as FastAPI checks them
+#: (pydantic, lax: "true"/"1"/"yes" are booleans); ranges are not checked, but clamped.
+FORM: dict[str, tuple[Any, Any]] = {
+    "prompt": (str, ""),
+    "video_length": (float, 5.0),
+    "seed": (int, -1),
+    "use_teacache": (bool, True),
+    "gpu_memory_preservation": (float, 6.0),
+    "steps": (int, 25),
+    "cfg": (float, 1.0),
+    "gs": (float, 10.0),
+    "rs": (float, 0.0),
+    "mp4_crf": (float, 16.0),
+    "lora_scale": (float, 1.0),
+    "lora_path": (str, None),
+    "sampling_mode": (str, "reverse"),
+}
 MODES = {"reverse": "framepack", "forward": "framepack-f1"}
-BACK = {v: k for k, v in RENAMES.items()}
+#: Where a legacy field's value lands in our parameters, and the range it is clamped to.
+RANGES = {"video_length": ("total_second_length", 1, 120), "steps": ("steps", 1, 100), "cfg": ("cfg", 1, 32),
+          "gs": ("gs", 1, 32), "rs": ("rs", 0, 1), "gpu_memory_preservation": ("gpu_memory_preservation", 6, 128),
+          "mp4_crf": ("mp4_crf", 0, 51)}  # fmt: skip
 
 
-def _translate_form() -> None:
-    """The legacy names onto the schema's; fields the schema does not know are ignored, as
-    the original (FastAPI) server ignores them."""
-    from diffusers_helper.params import JobParams
+def _form_values() -> dict[str, Any]:
+    """The form, typed as FastAPI would type it; 422 in FastAPI's shape otherwise."""
+    errors, values = [], {}
+    if "image" not in request.files:
+        errors.append({"type": "missing", "loc": ["body", "image"], "msg": "Field required", "input": None})
+    for name, (kind, default) in FORM.items():
+        raw = request.form.get(name)
+        if raw is None:
+            values[name] = default
+            continue
+        try:
+            values[name] = TypeAdapter(kind).validate_python(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            errors.append({"type": err["type"], "loc": ["body", name], "msg": err["msg"], "input": raw})
+    if values.get("sampling_mode") not in MODES and not any(e["loc"][1] == "sampling_mode" for e in errors):
+        errors.append({"type": "enum", "loc": ["body", "sampling_mode"], "input": values.get("sampling_mode"),
+                       "msg": "Input should be 'reverse' or 'forward'",
+                       "ctx": {"expected": "'reverse' or 'forward'"}})  # fmt: skip
+    if errors:
+        raise LegacyError(422, errors)
+    return values
 
-    known = set(JobParams.model_fields) - {"loras"}
-    form = MultiDict()
-    for key, value in request.form.items(multi=True):
-        if key == "sampling_mode":
-            value = MODES.get(value, value)
-        name = RENAMES.get(key, key)
-        if name in known:
-            form.add(name, value)
-    lora = request.form.get("lora_path", "").strip()
-    if lora:  # a file of our LoRA directory, named as the original's clients name it (a path)
-        form.add("loras", f"{PurePath(lora).stem}:{request.form.get('lora_scale') or 1.0}")
-    request.form = form  # type: ignore[misc]
 
-
-def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
-    steps, step = view.get("steps"), view.get("step")
-    sections, section = view.get("sections"), view.get("section")
-    total = steps * sections if steps and sections else None
-    done = (section - 1) * steps + step if total and section and step else 0
-    return {
-        "job_id": view["id"],
-        "status": view["status"],
-        "progress": round(100.0 * float(view.get("progress") or 0), 1),
-        "progress_step": done if view["state"] != JobState.SUCCEEDED.value else total,
-        "progress_total": total,
-        "progress_info": view.get("reason") or view.get("error") or view.get("message") or view.get("stage")
-        or view["status"],
-    }
+def _to_params(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Legacy values -> our parameters, clamped or rounded into our ranges; and what changed."""
+    params: dict[str, Any] = {"prompt": values["prompt"], "use_teacache": values["use_teacache"],
+                              "model": MODES[values["sampling_mode"]]}  # fmt: skip
+    adjusted: dict[str, dict[str, Any]] = {}
+    for name, (ours, low, high) in RANGES.items():
+        value = values[name]
+        used = FORM[name][1] if value != value else min(max(value, low), high)  # NaN: the fork's default
+        if name == "mp4_crf":
+            used = int(round(used))
+        if used != value:
+            adjusted[name] = {"requested": value, "used": used}
+        params[ours] = used
+    seed = values["seed"]
+    params["seed"] = seed if 0 <= seed <= MAX_SEED else -1 if seed < 0 else seed % (MAX_SEED + 1)
+    if seed < -1 or seed > MAX_SEED:
+        adjusted["seed"] = {"requested": seed, "used": "random" if seed < 0 else params["seed"]}
+    lora = (values["lora_path"] or "").strip()
+    if lora:  # a file of our LoRA directory, named as the fork's clients name it: by path
+        try:
+            lora_files.resolve(service().settings.lora_dir, PurePath(lora).stem)
+        except lora_files.LoraFileError as exc:
+            raise LegacyError(422, [{"type": "value_error", "loc": ["body", "lora_path"], "msg": str(exc),
+                                     "input": lora}]) from None  # fmt: skip
+        scale = min(max(values["lora_scale"], -4), 4) if values["lora_scale"] == values["lora_scale"] else 1.0
+        if scale != values["lora_scale"]:
+            adjusted["lora_scale"] = {"requested": values["lora_scale"], "used": scale}
+        params["loras"] = [{"name": PurePath(lora).stem, "weight": scale}]
+    return params, adjusted
 
 
 @bp.post("/generate")
 def generate() -> Response:
-    if request.mimetype != "application/json":
-        _translate_form()
+    values = _form_values()
+    params, adjusted = _to_params(values)
     try:
-        view = submit_from_request()
-    except ValidationError as exc:
-        raise from_validation(exc, BACK) from None
+        image = normalise("image", request.files["image"].read())
     except ImageError as exc:
-        raise from_image(exc, BACK) from None
-    return jsonify({"job_id": view["id"], "message": "Job submitted", "status": view["status"]})
+        raise LegacyError(400, f"Failed to read or process uploaded image: {exc.message}") from None
+    try:
+        job = service().submit(JobParams.model_validate(params), image, None)
+    except Exception as exc:  # noqa: BLE001 — the broker is down
+        raise LegacyError(500, f"Failed to add job to queue: {exc}") from None
+    body: dict[str, Any] = {"job_id": job["id"], "message": "Video generation job added to queue."}
+    if adjusted:
+        body["adjusted"] = adjusted
+    return jsonify(body)
+
+
+# -- reading jobs --------------------------------------------------------------------------
+def _view(job_id: str) -> dict[str, Any] | None:
+    return service().view(job_id)
+
+
+def legacy_word(view: dict[str, Any]) -> str:
+    state = JobState(view["state"])
+    if state is JobState.FAILED:
+        return f"failed - {view.get('error') or view.get('reason') or 'unknown error'}"
+    return {JobState.QUEUED: "pending", JobState.RUNNING: "processing", JobState.SUCCEEDED: "completed",
+            JobState.CANCELLED: "cancelled"}[state]  # fmt: skip
+
+
+def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
+    """``/status`` fields: progress 0-100 over the job; step within the current section."""
+    state = JobState(view["state"])
+    steps = view.get("steps") or (view.get("params") or {}).get("steps")
+    if state is JobState.QUEUED:
+        info = ""
+    elif state is JobState.SUCCEEDED:
+        info = "Finished"
+    elif state in TERMINAL:
+        info = view.get("reason") or view.get("error") or ""
+    else:
+        info = view.get("message") or view.get("stage") or ""
+    return {
+        "job_id": view["id"],
+        "status": legacy_word(view),
+        "progress": 100.0 if state is JobState.SUCCEEDED else round(100.0 * float(view.get("progress") or 0), 1),
+        "progress_step": steps if state is JobState.SUCCEEDED else (view.get("step") or 0),
+        "progress_total": steps,
+        "progress_info": info,
+    }
 
 
 @bp.get("/status/<job_id>")
 def status(job_id: str) -> Response:
-    return jsonify(legacy_status(view_or_404(job_id)))
+    view = _view(job_id)
+    if view is None:
+        raise LegacyError(404, "Job not found")
+    return jsonify(legacy_status(view))
+
+
+def _input_png(job_id: str) -> bytes | None:
+    data = service().read_input(job_id)
+    if data is not None:
+        return data
+    path = service().job_dir(job_id) / "input.png"
+    return path.read_bytes() if path.is_file() else None
 
 
 @bp.get("/result/<job_id>")
 def result(job_id: str) -> Response:
-    view = view_or_404(job_id)
-    body = {**legacy_status(view), "result": view.get("result"), "error": view.get("error")}
-    if view["state"] == JobState.SUCCEEDED.value:
-        body["video_url"] = f"/download/video/{job_id}"
-    return jsonify(body)
+    view = _view(job_id)
+    if view is None:
+        raise LegacyError(404, f"Job '{job_id}' not found or result file does not exist.")
+    if view["state"] != JobState.SUCCEEDED.value:
+        raise LegacyError(404, f"Job '{job_id}' is not completed yet (status: {legacy_word(view)}).")
+    png = _input_png(job_id)
+    thumbnail = f"data:image/png;base64,{base64.b64encode(png).decode()}" if png else None
+    return jsonify({"video_url": url_for("compat.download_video", job_id=job_id, _external=True),
+                    "thumbnail_base64": thumbnail})  # fmt: skip
+
+
+def _video_path(job_id: str) -> Path | None:
+    record = service().record(job_id) or {}
+    name = (record.get("result") or {}).get("video")
+    path = service().job_dir(job_id) / name if name else None
+    return path if path is not None and path.is_file() else None
 
 
 @bp.get("/download/video/<job_id>")
-def download(job_id: str) -> Response:
-    return job_video(job_id)
+def download_video(job_id: str) -> Response:
+    view = _view(job_id)
+    path = _video_path(job_id) if view and view["state"] == JobState.SUCCEEDED.value else None
+    if path is None:
+        if view is None:
+            raise LegacyError(404, f"Video file for job '{job_id}' not found.")
+        raise LegacyError(404, f"Video file for job '{job_id}' not found, status is '{legacy_word(view)}'.")
+    resp = send_file(path, mimetype="video/mp4", conditional=True, max_age=0)
+    resp.headers["Content-Disposition"] = f'attachment; filename="{job_id}.mp4"'  # as Starlette writes it
+    return resp
+
+
+@bp.get("/input_image/<job_id>")
+def input_image(job_id: str) -> Response:
+    png = _input_png(job_id) if _view(job_id) else None
+    if png is None:
+        raise LegacyError(404, f"Job '{job_id}' not found and input image file does not exist.")
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(out, format="JPEG", quality=95)
+    return Response(out.getvalue(), mimetype="image/jpeg",
+                    headers={"Content-Disposition": f'inline; filename="input_{job_id}.jpg"'})  # fmt: skip
 
 
 @bp.post("/cancel/<job_id>")
 def cancel(job_id: str) -> Response:
-    return cancel_job(job_id)
+    view = _view(job_id)
+    if view is None:
+        raise LegacyError(404, "Job not found")
+    if JobState(view["state"]) in TERMINAL:
+        return jsonify({"message": f"Job is already {legacy_word(view).split(' - ')[0]}."})
+    service().cancel(job_id)
+    return jsonify({"message": f"Cancellation requested for job {job_id}."})
+
+
+#: /queue lists the most recent jobs, running and recently finished ones included.
+QUEUE_LISTED = 100
 
 
 @bp.get("/queue")
 def queue() -> Response:
+    jobs, _ = service().list_page(0, QUEUE_LISTED)
+    rows = []
+    for summary in reversed(jobs):  # oldest first, as the fork's queue file
+        view = _view(summary["id"])
+        if view is None:
+            continue
+        st = legacy_status(view)
+        rows.append({"job_id": view["id"], "status": st["status"], "prompt": (view["params"] or {})
+                     .get("prompt", "")[:50], "video_length": (view["params"] or {}).get("total_second_length"),
+                     "progress": st["progress"], "progress_info": st["progress_info"]})  # fmt: skip
+    return jsonify({"queue": rows})
+
+
+@bp.get("/worker/status")
+def worker_status() -> Response:
+    workers = service().workers()
+    running = service().running_ids()
+    return jsonify({"is_running": any(w.get("ready") for w in workers),
+                    "processing_job_id": running[0] if running else None})  # fmt: skip
+
+
+@bp.get("/loras")
+def loras() -> Response:
+    return jsonify({"loras": [e["file"] for e in lora_files.list_loras(service().settings.lora_dir)]})
+
+
+@bp.post("/cleanup_jobs")
+def cleanup_jobs() -> Response:
+    """Forget finished jobs beyond the newest ``FRAMEPACK_MAX_COMPLETED_JOBS`` (the fork's rule)."""
+    removed = service().cleanup_finished(service().settings.max_completed_jobs)
+    return jsonify({"message": f"Cleanup process completed. Removed {removed} old job entries."})
+
+
+# -- videos ------------------------------------------------------------------------------------
+@bp.get("/videos")
+def videos() -> Response:
+    names = []
+    for job_id in service().succeeded_ids():
+        if _video_path(job_id) is not None:
+            names.append(f"{job_id}.mp4")
+    return jsonify(sorted(names))
+
+
+@bp.get("/videos/<path:filename>")
+def video_file(filename: str) -> Response:
+    if ".." in filename or filename.startswith("/") or "/" in filename:
+        raise LegacyError(400, "Invalid filename.")
+    if not filename.lower().endswith(".mp4"):
+        raise LegacyError(400, "Invalid file type, only MP4 is supported.")
+    view = _view(filename[: -len(".mp4")])
+    path = _video_path(view["id"]) if view and view["state"] == JobState.SUCCEEDED.value else None
+    if path is None:
+        raise LegacyError(404, "Video file not found")
+    return send_file(path, mimetype="video/mp4", download_name=filename, conditional=True, max_age=0)
+
+
+def _sse(event: str | None, data: Any) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+def _event_stream(events: Iterator[str]) -> Response:
+    return Response(stream_with_context(events), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+#: Seconds between keep-alive comments on an idle event stream (under common proxy and
+#: client read timeouts of 10 s and more).
+KEEP_ALIVE = 8.0
+
+
+@bp.get("/video_stream")
+def video_stream() -> Response:
+    """The name of every video that appears (``data: <job_id>.mp4``), as the fork's watcher sends."""
     svc = service()
-    queued = [{"job_id": i, "position": n, "status": LEGACY_STATUS[JobState.QUEUED]}
-              for n, i in enumerate(svc.queued_ids(), start=1)]  # fmt: skip
-    running = svc.running_ids()
-    return jsonify({"queue": queued, "queue_length": len(queued), "processing": running})
 
+    def events() -> Iterator[str]:
+        outbox = svc.hub.new_outbox()
+        svc.hub.watch(Keys.EVENTS, outbox)
+        try:
+            while not outbox.overflowed:
+                item = outbox.get(timeout=KEEP_ALIVE)
+                if item is None:
+                    yield ": keep-alive\n\n"
+                elif item.data.get("event") == "finished" and item.data.get("state") == JobState.SUCCEEDED.value:
+                    yield _sse(None, f"{item.data['job_id']}.mp4")
+        finally:
+            svc.hub.unwatch(Keys.EVENTS, outbox)
 
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return _event_stream(events())
 
 
 @bp.get("/stream/status/<job_id>")
 def stream(job_id: str) -> Response:
+    """``event: progress`` with the status fields (and the preview) on every change; at the
+    end one ``progress`` with the terminal status, then ``event: status`` and the end."""
     svc = service()
-    view_or_404(job_id)
 
     def events() -> Iterator[str]:
+        if svc.view(job_id) is None:
+            yield _sse("status", {"status": "error", "message": "Job not found or cleaned up."})
+            return
         outbox = svc.hub.new_outbox()
         svc.hub.watch_job(job_id, outbox)
         try:
             view = svc.view(job_id)
-            last = view["seq"]
-            while JobState(view["state"]) not in TERMINAL:
+            last_seq, last_body = view["seq"], None
+            while True:
                 body = legacy_status(view)
                 if view.get("preview") and view["state"] == JobState.RUNNING.value:
                     body["preview_image_base64"] = view["preview"]["image"]
-                yield _sse("progress", body)
+                if body != last_body:
+                    yield _sse("progress", body)
+                    last_body = body
+                if JobState(view["state"]) in TERMINAL:
+                    yield _sse("status", {"status": body["status"], "message": "Job finished."})
+                    return
                 item = None
-                while item is None or item.seq <= last:  # skip what this stream already showed
+                while item is None or item.seq <= last_seq:  # skip what this stream already showed
                     if outbox.overflowed:
-                        return  # a client this far behind reconnects and starts from a snapshot
-                    item = outbox.get(timeout=15.0)
+                        return  # a client this far behind reconnects and starts from a fresh status
+                    item = outbox.get(timeout=KEEP_ALIVE)
                     if item is None:
                         yield ": keep-alive\n\n"
-                last = item.seq
+                last_seq = item.seq
                 view = {**view, **item.data, "id": job_id}
-                view["status"] = LEGACY_STATUS[JobState(view["state"])]
-            yield _sse("status", {**legacy_status(svc.view(job_id)), "result": view.get("result")})
+                if JobState(view["state"]) in TERMINAL:
+                    view = svc.view(job_id) or view  # the record has the reason and the result
         finally:
             svc.hub.unwatch_job(job_id, outbox)
 
-    return Response(stream_with_context(events()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+    return _event_stream(events())

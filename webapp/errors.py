@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -56,7 +56,10 @@ def not_found(what: str = "job", field: str = "job_id") -> ApiError:
 
 
 def error_response(exc: ApiError) -> Response:
-    resp = jsonify({"error": exc.message, "field": exc.field, "errors": exc.errors})
+    body: dict[str, Any] = {"error": exc.message, "field": exc.field, "errors": exc.errors}
+    if not request.path.startswith(("/api/", "/ws/")):  # the original API's routes: FastAPI's key too
+        body["detail"] = exc.message
+    resp = jsonify(body)
     resp.status_code = exc.status
     resp.headers.update(exc.headers)
     return resp

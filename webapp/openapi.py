@@ -45,8 +45,6 @@ def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
     return {**branches[0], **{k: v for k, v in prop.items() if k not in ("anyOf", "default")}}
 
 
-#: The original API's names for two fields (``webapp/compat.py``).
-LEGACY_NAMES = {"total_second_length": "video_length", "model": "sampling_mode"}
 LEGACY_MODE = {"type": "string", "enum": ["reverse", "forward"], "default": "reverse"}
 #: JobParams' cross-field rule: the forward-sampling F1 model takes no end image.
 F1_NO_END = {"not": {"required": ["end_image", "model"], "properties": {"model": {"const": "framepack-f1"}}}}
@@ -61,8 +59,7 @@ JOB_OPERATIONS = {
     "getJob": "GET /api/jobs/{job_id}", "cancelJob": "POST /api/jobs/{job_id}/cancel",
     "deleteJob": "DELETE /api/jobs/{job_id}", "getVideo": "GET /api/jobs/{job_id}/video",
     "getInput": "GET /api/jobs/{job_id}/input", "extendJob": "POST /api/jobs/{job_id}/extend",
-    "legacyStatus": "GET /status/{job_id}",
-    "legacyResult": "GET /result/{job_id}", "legacyCancel": "POST /cancel/{job_id}",
+    "legacyStatus": "GET /status/{job_id}", "legacyCancel": "POST /cancel/{job_id}",
 }  # fmt: skip
 
 
@@ -104,21 +101,31 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
         "Error": _schema(ErrorBody, defs),
         "Batch": _schema(BatchView, defs),
         "ExtendParams": _schema(ExtendParams, defs),
+        "LegacyError": {"type": "object", "required": ["detail"], "properties": {"detail": {"anyOf": [
+            {"type": "string"}, {"type": "array", "items": {"type": "object", "required": ["loc", "msg", "type"]}}]}}},
     }
     params = schemas["JobParams"]
     lora_json, lora_form = _lora_fields(lora_names, params)
     submit_props = {k: v for k, v in params["properties"].items() if k != "end_image"} | {"loras": lora_json}
     # a form field carries no objects: LoRAs as NAME:WEIGHT, timestamped prompts in the prompt text
     form_props = {k: _form_field(v) for k, v in submit_props.items() if k != "prompts"} | {"loras": lora_form}
-    legacy_props = {LEGACY_NAMES.get(k, k): LEGACY_MODE if k == "model" else v for k, v in form_props.items()
-                    if k != "loras"} | {
+    # The original API's form, as its FastAPI server declares it: types, defaults, no bounds
+    # (values outside our ranges are clamped, and the reply says so under "adjusted").
+    number, integer = {"type": "number"}, {"type": "integer"}
+    legacy_props = {
+        "prompt": {"type": "string", "default": ""}, "video_length": {**number, "default": 5.0},
+        "seed": {**integer, "default": -1}, "use_teacache": {"type": "boolean", "default": True},
+        "gpu_memory_preservation": {**number, "default": 6.0}, "steps": {**integer, "default": 25},
+        "cfg": {**number, "default": 1.0}, "gs": {**number, "default": 10.0}, "rs": {**number, "default": 0.0},
+        "mp4_crf": {**number, "default": 16.0}, "lora_scale": {**number, "default": 1.0},
         "lora_path": {"type": "string", "enum": ["", *lora_names], "default": "",
-                      "description": "A LoRA of our directory by name (a path's file name also works); empty: none"},
-        "lora_scale": {"type": "number", "minimum": -4, "maximum": 4, "default": 1.0},
+                      "description": "A LoRA of our directory by file name (a path works: its file name counts)"},
+        "sampling_mode": LEGACY_MODE,
     }  # fmt: skip
     binary = {"type": "string", "format": "binary"}
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     err = _json(_ref("Error"), "Error naming the field")
+    legacy_err = _json(_ref("LegacyError"), "FastAPI's error: {detail: text, or [{loc, msg, type}]}")
     not_found = _json(_ref("Error"), "Unknown job (or no such file yet)")
     unavailable = _json(_ref("Error"), "Redis or the broker is unavailable; retry (see Retry-After)")
     job = _json(_ref("Job"), "The job's snapshot")
@@ -226,28 +233,52 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
             "/readyz": {"get": {"summary": "Broker answers and a worker with its model consumes 'gpu'",
                                 "responses": {"200": _json({"type": "object"}, "Ready"),
                                               "503": _json({"type": "object"}, "Not ready, with the reason")}}},
-            "/generate": {"post": {"summary": "Original API: submit (video_length, sampling_mode reverse|forward)",
+            "/generate": {"post": {"summary": "Original API: submit (form only; no bounds: values are clamped)",
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object",
-                    "required": ["image"], "properties": {"image": binary, "end_image": binary, **legacy_props}}}}},
-                "responses": responses(_200={**_json({"type": "object"}, "{job_id, message}"),
+                    "required": ["image"], "properties": {"image": binary, **legacy_props}}}}},
+                "responses": responses(_200={**_json({"type": "object", "required": ["job_id", "message"]},
+                                                     "{job_id, message[, adjusted]}"),
                                              "links": _links("$response.body#/job_id")},
-                                       _400=err, _413=err, _415=err, _422=err)}},
+                                       _400=legacy_err, _422=legacy_err, _413=legacy_err, _500=legacy_err)}},
             "/status/{job_id}": {"get": {"summary": "Original API: status (progress 0-100)", "parameters": job_id,
-                "responses": responses(_200=_json({"type": "object"}, "Status"), _404=not_found)}},
+                "responses": responses(_200=_json({"type": "object"}, "Status"), _404=legacy_err)}},
             "/stream/status/{job_id}": {"get": {"summary": "Original API: Server-Sent Events (progress with "
-                "preview_image_base64, then status)", "parameters": job_id,
+                "preview_image_base64, then status; an unknown job: one status event)", "parameters": job_id,
                 "responses": responses(_200={"description": "text/event-stream",
-                                             "content": {"text/event-stream": {"schema": SSE_EVENT}}},
-                                       _404=not_found)}},
-            "/result/{job_id}": {"get": {"summary": "Original API: result", "parameters": job_id,
-                "responses": responses(_200=_json({"type": "object"}, "Result"), _404=not_found)}},
-            "/download/video/{job_id}": {"get": {"summary": "Original API: download the video", "parameters": job_id,
-                "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"}, _404=not_found,
-                                       _409=err, _416=err)}},
+                                             "content": {"text/event-stream": {"schema": SSE_EVENT}}})}},
+            "/result/{job_id}": {"get": {"summary": "Original API: result (404 until completed)",
+                "parameters": job_id,
+                "responses": responses(_200=_json({"type": "object", "required": ["video_url"]}, "Result"),
+                                       _404=legacy_err)}},
+            "/download/video/{job_id}": {"get": {"summary": "Original API: download the video (attachment)",
+                "parameters": job_id, "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"},
+                                                             _404=legacy_err, _416=legacy_err)}},
+            "/input_image/{job_id}": {"get": {"summary": "Original API: the input image (JPEG)", "parameters": job_id,
+                "responses": responses(_200={"description": "image/jpeg",
+                                             "content": {"image/jpeg": {"schema": binary}}}, _404=legacy_err)}},
             "/cancel/{job_id}": {"post": {"summary": "Original API: cancel", "parameters": job_id,
-                "responses": responses(_202=job, _404=not_found, _409=err)}},
-            "/queue": {"get": {"summary": "Original API: queue",
-                               "responses": responses(_200=_json({"type": "object"}, "Queued and processing jobs"))}},
+                "responses": responses(_200=_json({"type": "object", "required": ["message"]}, "Message"),
+                                       _404=legacy_err)}},
+            "/queue": {"get": {"summary": "Original API: recent jobs, pending, processing and finished",
+                               "responses": responses(_200=_json({"type": "object", "required": ["queue"]}, "Queue"))}},
+            "/worker/status": {"get": {"summary": "Original API: is a worker up, which job it processes",
+                                       "responses": responses(_200=_json({"type": "object"}, "Worker"))}},
+            "/loras": {"get": {"summary": "Original API: LoRA file names",
+                               "responses": responses(_200=_json({"type": "object"}, "LoRAs"))}},
+            "/videos": {"get": {"summary": "Original API: the finished videos' file names",
+                                "responses": responses(_200=_json({"type": "array", "items": {"type": "string"}},
+                                                                  "Names"))}},
+            "/videos/{filename}": {"get": {"summary": "Original API: a finished video by file name",
+                "parameters": [{"name": "filename", "in": "path", "required": True,
+                                "schema": {"type": "string", "pattern": r"^[A-Za-z0-9_-]+\.mp4$"}}],
+                "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"}, _400=legacy_err,
+                                       _404=legacy_err, _416=legacy_err)}},
+            "/video_stream": {"get": {"summary": "Original API: Server-Sent Events naming each new video",
+                                      "responses": responses(_200={"description": "text/event-stream",
+                                          "content": {"text/event-stream": {"schema": SSE_EVENT}}})}},
+            "/cleanup_jobs": {"post": {"summary": "Original API: forget finished jobs beyond the newest "
+                                                  "FRAMEPACK_MAX_COMPLETED_JOBS",
+                                       "responses": responses(_200=_json({"type": "object"}, "Message"))}},
         },  # fmt: skip
         "components": {"schemas": {**defs, **schemas}},
     })

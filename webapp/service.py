@@ -173,6 +173,18 @@ class Service:
     def running_ids(self) -> list[str]:
         return [i.decode() for i in self.redis.zrange(Keys.RUNNING, 0, -1)]
 
+    def succeeded_ids(self) -> list[str]:
+        """Jobs that ended with a video, newest first (bounded by the results' lifetime)."""
+        ids, _ = self.list_page(0, 1000)
+        return [j["id"] for j in ids if j["state"] == JobState.SUCCEEDED.value]
+
+    def cleanup_finished(self, keep: int) -> int:
+        """Delete the finished jobs (and their files) beyond the newest ``keep``."""
+        finished = [j["id"] for j in self.list_page(0, 10_000)[0] if JobState(j["state"]) in TERMINAL]
+        for job_id in finished[keep:]:
+            self.delete(job_id)
+        return max(0, len(finished) - keep)
+
     def read_input(self, job_id: str) -> bytes | None:
         return self.redis.get(Keys.input(job_id))
 
