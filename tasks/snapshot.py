@@ -51,6 +51,30 @@ class SectionDone(BaseModel):
     url: str
 
 
+class WebhookAttempt(BaseModel):
+    at: float = Field(description="When the POST was sent (epoch seconds)")
+    status: int | None = Field(description="The receiver's HTTP status; null when it could not be reached")
+    ok: bool
+    seconds: float
+    error: str | None
+
+
+class WebhookDelivery(BaseModel):
+    id: str = Field(description="The webhook-id header: the same for every attempt of this event")
+    event: str = Field(description="start | section | completed")
+    state: str = Field(description="pending | delivered | failed (given up)")
+    created_at: float
+    next_at: float = Field(description="When the next attempt is due (pending deliveries)")
+    delivered_at: float | None = None
+    attempts: list[WebhookAttempt]
+
+
+class Webhook(BaseModel):
+    url: str
+    events: list[str]
+    deliveries: list[WebhookDelivery] = Field(description="Every event sent or to send, in order, with its attempts")
+
+
 class JobView(BaseModel):
     """The snapshot of one job (``GET /api/jobs/<id>``, WebSocket ``snapshot.job``)."""
 
@@ -83,6 +107,8 @@ class JobView(BaseModel):
     worker: str | None
     params: dict[str, Any] | None
     profile: str | None
+    owner: str | None = Field(description="The name of the API token that submitted it (null when the API is open)")
+    webhook: Webhook | None
     links: Links
 
 
@@ -103,6 +129,7 @@ class JobSummary(BaseModel):
     reason: str | None
     created_at: float | None
     finished_at: float | None
+    owner: str | None
     prompt: str
     links: Links
 
@@ -141,10 +168,12 @@ def build_view(
     alive: bool,
     heartbeat_ttl: float,
     now: float | None = None,
+    deliveries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The snapshot, from what is stored.  The record's state is the truth once it is
     terminal (the lifecycle writes record and meta together); before that, a terminal meta
-    (written by Celery itself: revoke, terminate) wins."""
+    (written by Celery itself: revoke, terminate) wins.  ``deliveries`` is the job's webhook
+    log (:func:`tasks.webhooks.deliveries`)."""
     now = time.time() if now is None else now
     job_id = record["id"]
     meta = decorate(job_id, latest[1]) if latest else {}
@@ -184,6 +213,8 @@ def build_view(
         "worker": record.get("worker"),
         "params": record.get("params"),
         "profile": record.get("profile"),
+        "owner": record.get("owner"),
+        "webhook": {**hook, "deliveries": deliveries or []} if (hook := record.get("webhook")) else None,
         "links": job_links(job_id),
     }
     return view
