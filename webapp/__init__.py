@@ -1,7 +1,9 @@
 """HTTP and WebSocket tier (never imports torch).
 
 ``create_app()`` is the factory gunicorn runs (``webapp:create_app()``); tests build apps
-with their own :class:`tasks.settings.Settings` (``config={"SETTINGS": ...}``).
+with their own :class:`tasks.settings.Settings` (``config={"SETTINGS": ...}``).  Every route
+but the page, ``/healthz`` and ``/readyz`` needs an API token once ``FRAMEPACK_API_TOKENS``
+is set (:mod:`webapp.auth`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from flask import Flask, Response, jsonify, send_from_directory
 
 from tasks import settings as settings_module
 
-from . import api, compat, errors, openapi, ws
+from . import api, auth, compat, errors, openapi, ws
 from .service import Service
 
 log = logging.getLogger("framepack.web")
@@ -51,6 +53,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         service.start_sweeper()
 
     errors.init_app(app)
+    toks = auth.init_app(app, s.api_tokens)
     app.register_blueprint(api.bp)
     app.register_blueprint(compat.bp)
     ws.init_app(app)
@@ -76,7 +79,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.get("/api/openapi.json")
     def openapi_json() -> Response:
-        return jsonify(openapi.document())
+        return jsonify(openapi.document(toks.required, s.webhook_allow))
 
     # Everything allocated so far (modules, the app) lives as long as the process: keep it
     # out of the collector's way, so full collections stay short under many sockets.

@@ -1,15 +1,24 @@
 """REST API: ``/api/jobs`` and friends.  Views only translate HTTP to :class:`Service` calls;
-errors are raised as :class:`webapp.errors.ApiError` and rendered by one handler."""
+errors are raised as :class:`webapp.errors.ApiError` and rendered by one handler.
+
+Who may do what: the caller (:func:`webapp.auth.principal`) sees, watches, cancels and
+deletes only its own jobs unless it is an admin (another's job is 404, as if it did not
+exist, so ids do not leak); its submissions are held to its role's limits and its queue
+limit, all checked before anything is stored."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from pydantic import ValidationError
 
 from diffusers_helper.params import JobParams
+from tasks.lifecycle import QueueFull
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState
+from tasks.webhooks import WebhookRefused, WebhookSpec, check_url
 
+from .auth import Principal, principal, tokens
 from .errors import ApiError, not_found
 from .service import Service
 from .uploads import ImageError, decode_base64, normalise
@@ -19,16 +28,64 @@ bp = Blueprint("api", __name__)
 #: Paging bounds of GET /api/jobs.
 MAX_LIMIT = 200
 MAX_OFFSET = 2**31 - 1
+#: Retry-After (seconds) of a submit refused by a queue limit: about when a place may free up.
+QUEUE_RETRY_AFTER = 30
+#: Submission fields beside the FramePack parameters (:class:`tasks.webhooks.WebhookSpec`).
+WEBHOOK_FIELDS = tuple(WebhookSpec.model_fields)
 
 
 def service() -> Service:
     return current_app.extensions["framepack"]
 
 
-def parse_submission(fields: dict[str, Any], files: dict[str, bytes]) -> tuple[JobParams, bytes, bytes | None]:
-    """Form/JSON fields + image bytes -> validated params and normalised images.
+def visible_owner(who: Principal | None = None) -> str | None:
+    """The owner whose jobs a listing shows the caller: its own, or None (all) for admins."""
+    who = who or principal()
+    return None if who.admin else who.name
 
-    Raises :class:`ImageError` or pydantic's ``ValidationError``; nothing is stored.
+
+def parse_webhook(fields: dict[str, Any]) -> dict[str, Any] | None:
+    """Pop ``webhook`` and ``webhook_events`` off the fields: the job record's ``webhook``
+    value, or None.  ``webhook_events`` may be a list, repeated form fields or one
+    comma-separated string.  400 naming ``webhook`` for a URL this server will not call."""
+    url = fields.pop("webhook", None)
+    events = fields.pop("webhook_events", None)
+    if isinstance(events, str):
+        events = [e.strip() for e in events.split(",") if e.strip()]
+    if url in (None, ""):
+        if events:
+            raise ApiError(400, "webhook_events: needs a webhook URL", "webhook_events")
+        return None
+    try:
+        spec = WebhookSpec.model_validate({"webhook": url, **({"webhook_events": events} if events else {})})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err.get("loc") else "webhook"
+        raise ApiError(422, f"{field}: {err['msg']}", field) from None
+    try:
+        check_url(spec.webhook, service().settings.webhook_allow)
+    except WebhookRefused as exc:
+        raise ApiError(400, exc.message, exc.field) from None
+    return spec.stored()
+
+
+def check_role_limits(params: JobParams, who: Principal) -> None:
+    """The caller's role's limits on one job (``FRAMEPACK_<ROLE>_MAX_SECONDS`` / ``_STEPS``)."""
+    max_seconds, max_steps = service().settings.job_limits(who.role)
+    if params.total_second_length > max_seconds:
+        raise ApiError(422, f"total_second_length: at most {max_seconds:g} seconds for a {who.role} token",
+                       "total_second_length")  # fmt: skip
+    if params.steps > max_steps:
+        raise ApiError(422, f"steps: at most {max_steps} steps for a {who.role} token", "steps")
+
+
+def parse_submission(fields: dict[str, Any], files: dict[str, bytes]
+                     ) -> tuple[JobParams, bytes, bytes | None, dict[str, Any] | None]:  # fmt: skip
+    """Form/JSON fields + image bytes -> validated params, normalised images and the
+    webhook (or None).
+
+    Raises :class:`ImageError`, :class:`ApiError` or pydantic's ``ValidationError``;
+    nothing is stored.
     """
     if "image" not in files:
         raise ImageError("image", "an input image is required", status=400)
@@ -38,10 +95,12 @@ def parse_submission(fields: dict[str, Any], files: dict[str, bytes]) -> tuple[J
     fields.pop("end_image", None)
     if has_end:
         fields["end_image"] = "upload"
+    webhook = parse_webhook(fields)
     params = JobParams.model_validate(fields)  # field errors before image work
+    check_role_limits(params, principal())
     image = normalise("image", files["image"])
     end = normalise("end_image", files["end_image"]) if has_end else None
-    return params, image, end
+    return params, image, end, webhook
 
 
 def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -59,6 +118,8 @@ def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
             files[name] = decode_base64(name, value)
         return body, files
     fields: dict[str, Any] = request.form.to_dict()
+    if "webhook_events" in request.form:  # repeated fields, each maybe comma-separated
+        fields["webhook_events"] = ",".join(request.form.getlist("webhook_events"))
     files = {name: f.read() for name, f in request.files.items() if name in ("image", "end_image")}
     return fields, files
 
@@ -66,9 +127,12 @@ def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
 def submit_from_request() -> dict[str, Any]:
     """Shared by ``POST /api/jobs`` and the legacy ``POST /generate``."""
     fields, files = read_request()
-    params, image, end = parse_submission(fields, files)
+    params, image, end, webhook = parse_submission(fields, files)
     try:
-        return service().submit(params, image, end)
+        return service().submit(params, image, end, owner=principal().owner, webhook=webhook)
+    except QueueFull as exc:
+        status = 429 if exc.scope == "token" else 503
+        raise ApiError(status, str(exc), "queue", headers={"Retry-After": str(QUEUE_RETRY_AFTER)}) from None
     except Exception as exc:  # noqa: BLE001 — the broker is down: say so, store nothing
         current_app.logger.exception("dispatch failed")
         raise ApiError(503, f"could not queue the job: {exc}", headers={"Retry-After": "5"}) from None
@@ -100,14 +164,22 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 def list_jobs() -> Response:
     limit = _int_arg("limit", 20, 1, MAX_LIMIT)
     offset = _int_arg("offset", 0, 0, MAX_OFFSET)
-    jobs, total = service().list_page(offset, limit)
-    nxt = f"/api/jobs?offset={offset + limit}&limit={limit}" if offset + limit < total else None
+    owner = visible_owner()
+    wanted = request.args.get("owner")
+    if wanted is not None:
+        if owner is not None and wanted != owner:
+            raise ApiError(403, "owner: a user token lists its own jobs only", "owner")
+        owner = wanted
+    jobs, total = service().list_page(offset, limit, owner)
+    query = f"&owner={wanted}" if wanted is not None else ""
+    nxt = f"/api/jobs?offset={offset + limit}&limit={limit}{query}" if offset + limit < total else None
     return jsonify({"jobs": jobs, "total": total, "offset": offset, "limit": limit, "next": nxt})
 
 
 def view_or_404(job_id: str) -> dict[str, Any]:
+    """The job's snapshot, if it exists and the caller may see it (else 404 either way)."""
     view = service().view(job_id)
-    if view is None:
+    if view is None or not principal().may_see(view.get("owner")):
         raise not_found()
     return view
 
@@ -175,13 +247,35 @@ def job_input(job_id: str) -> Response:
     return send_file(path, mimetype="image/png")
 
 
+@bp.post("/api/access")
+def access() -> Response:
+    """A short-lived, read-only access ticket for URLs a browser cannot add a header to
+    (WebSocket, EventSource, ``<video src>``): append ``?access=<ticket>``."""
+    who, toks = principal(), tokens()
+    ttl = service().settings.access_ttl
+    if not toks.required:
+        return jsonify({"access": None, "expires_at": None, "ttl": None, "name": who.name, "role": who.role})
+    ticket, expires = toks.ticket(who, ttl)
+    return jsonify({"access": ticket, "expires_at": expires, "ttl": ttl, "name": who.name, "role": who.role})
+
+
 @bp.get("/api/info")
 def info() -> Response:
+    """Profiles, the caller and the limits for everyone; workers, hub and settings for admins."""
     svc = service()
+    who = principal()
     workers = svc.workers()
     profiles = sorted({(w.get("profile") or {}).get("name", "?") for w in workers})
     noise = any((w.get("profile") or {}).get("is_noise") for w in workers)
-    hub = svc.hub
-    return jsonify({"workers": workers, "profiles": profiles, "is_noise": noise,
-                    "hub": {**hub.stats, "channels": hub.channels},
-                    "settings": svc.settings.public()})  # fmt: skip
+    s = svc.settings
+    max_seconds, max_steps = s.job_limits(who.role)
+    body = {"profiles": profiles, "is_noise": noise,
+            "auth": {"required": tokens().required, "name": who.name, "role": who.role},
+            "limits": {"max_seconds": max_seconds, "max_steps": max_steps,
+                       "max_queued": s.max_queued_per_token if tokens().required else None,
+                       "max_queue": s.max_queue or None, "max_upload_bytes": s.max_upload_bytes,
+                       "webhooks": bool(s.webhook_allow)}}  # fmt: skip
+    if who.admin:
+        hub = svc.hub
+        body.update(workers=workers, hub={**hub.stats, "channels": hub.channels}, settings=s.public())
+    return jsonify(body)

@@ -4,6 +4,8 @@ Same field names (``video_length`` for seconds, ``sampling_mode`` reverse|forwar
 −1 = random), same status words (``pending``, ``processing``, ``completed``, ``failed``,
 ``cancelled``), progress 0–100.  ``/stream/status/<id>`` is Server-Sent Events fed by the
 same hub as the WebSocket, and it finally carries the preview the original never sent.
+With API tokens, these routes need one like the rest (``EventSource``: ``?access=``), and
+each caller sees only its own jobs, ``/queue`` included.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from werkzeug.datastructures import MultiDict
 
 from tasks.protocol import LEGACY_STATUS, TERMINAL, JobState
 
-from .api import cancel_job, job_video, service, submit_from_request, view_or_404
-from .errors import from_image, from_validation
+from .api import WEBHOOK_FIELDS, cancel_job, job_video, service, submit_from_request, view_or_404, visible_owner
+from .errors import ApiError, from_image, from_validation
 from .uploads import ImageError
 
 bp = Blueprint("compat", __name__)
@@ -35,7 +37,7 @@ def _translate_form() -> None:
     the original (FastAPI) server ignores them."""
     from diffusers_helper.params import JobParams
 
-    known = set(JobParams.model_fields)
+    known = set(JobParams.model_fields) | set(WEBHOOK_FIELDS)
     form = MultiDict()
     for key, value in request.form.items(multi=True):
         if key == "sampling_mode":
@@ -72,6 +74,8 @@ def generate() -> Response:
         raise from_validation(exc, BACK) from None
     except ImageError as exc:
         raise from_image(exc, BACK) from None
+    except ApiError as exc:
+        raise exc.renamed(BACK) from None
     return jsonify({"job_id": view["id"], "message": "Job submitted", "status": view["status"]})
 
 
@@ -102,9 +106,10 @@ def cancel(job_id: str) -> Response:
 @bp.get("/queue")
 def queue() -> Response:
     svc = service()
+    owner = visible_owner()
     queued = [{"job_id": i, "position": n, "status": LEGACY_STATUS[JobState.QUEUED]}
-              for n, i in enumerate(svc.queued_ids(), start=1)]  # fmt: skip
-    running = svc.running_ids()
+              for i, n in svc.queued(owner)]  # fmt: skip
+    running = svc.running_ids(owner)
     return jsonify({"queue": queued, "queue_length": len(queued), "processing": running})
 
 

@@ -1,7 +1,9 @@
 """The web tier's services: reads of jobs, dispatch, and the lifecycle calls (no Flask).
 
 Everything a route needs about a job goes through :class:`Service`, so the REST API, the
-WebSocket, the SSE compatibility stream and the browser see the same snapshot.  Reads
+WebSocket, the SSE compatibility stream and the browser see the same snapshot.  Reads that
+list jobs take an ``owner``: a token's name reads that token's jobs only (its own indexes),
+None reads every job; who may read what is decided by the caller (``webapp.auth``).  Reads
 here never change a job; transitions go through :class:`tasks.lifecycle.Lifecycle`, and
 the sweep (:mod:`tasks.sweeper`) runs in a background thread of one web process.
 """
@@ -20,6 +22,7 @@ import redis
 from celery import Celery
 
 from diffusers_helper.params import JobParams
+from tasks import webhooks
 from tasks.app import make_celery
 from tasks.lifecycle import Lifecycle, decode_record, new_job_id
 from tasks.protocol import QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, parse_celery_payload
@@ -40,7 +43,7 @@ class Service:
         self.hub = JobHub(settings.store_url, decorate, poll_interval)
         self.celery = celery or make_celery(client=True)
         self.results_dir = settings.results_dir
-        self.lifecycle = Lifecycle(self.redis, settings, self._announce)
+        self.lifecycle = Lifecycle(self.redis, settings, self._announce, webhooks.dispatcher(self.celery))
         nodes = lambda: {w["node"] for w in self.workers() if w.get("node")}  # noqa: E731
         self.sweeper = Sweeper(self.lifecycle, Broker(self.celery, nodes), self.remove_files)
 
@@ -50,16 +53,20 @@ class Service:
             dispatcher.send(event, uuid=job_id, **fields)
 
     # -- transitions --------------------------------------------------------------------
-    def submit(self, params: JobParams, image_png: bytes, end_png: bytes | None) -> dict[str, Any]:
+    def submit(self, params: JobParams, image_png: bytes, end_png: bytes | None, *, owner: str | None = None,
+               webhook: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Store and dispatch a job.  Raises :class:`tasks.lifecycle.QueueFull` (nothing
+        stored) over a queue limit, or the broker's error (nothing left stored)."""
         params = params.with_seed()  # chosen here, so a redelivered job reproduces
         job_id = new_job_id()
         stored = params.model_dump(mode="json")
         stored["end_image"] = "upload" if end_png is not None else None
-        view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png)
+        view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png, owner=owner,
+                                     webhook=webhook)  # fmt: skip
         try:
             self.celery.send_task(TASK_NAME, args=[job_id, stored], task_id=job_id, queue=QUEUE)
         except Exception:
-            self.lifecycle.discard(job_id)
+            self.lifecycle.discard(job_id, owner)
             raise
         return view
 
@@ -100,28 +107,44 @@ class Service:
         p.get(Keys.celery_meta(job_id))
         p.zrank(Keys.QUEUED, job_id)
         p.exists(Keys.heartbeat(job_id))
-        raw, meta, rank, alive = p.execute()
+        webhooks.read_log(p, job_id)
+        raw, meta, rank, alive, log = p.execute()
         rec = decode_record(raw)
         if rec is None:
             return None
         latest = parse_celery_payload(meta) if meta is not None else None
         return build_view(rec, latest, position=None if rank is None else rank + 1, alive=bool(alive),
-                          heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
+                          heartbeat_ttl=self.settings.heartbeat_ttl, deliveries=webhooks.deliveries(log))  # fmt: skip
 
     def summary(self, job_id: str) -> dict[str, Any] | None:
         v = self.view(job_id)
         return None if v is None else summary_of(v)
 
-    def list_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        ids = [i.decode() for i in self.redis.zrevrange(Keys.JOBS, offset, offset + limit - 1)]
-        total = int(self.redis.zcard(Keys.JOBS))
+    def list_page(self, offset: int, limit: int, owner: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """A page of summaries, newest first: every job, or ``owner``'s."""
+        index = Keys.JOBS if owner is None else Keys.owner_jobs(owner)
+        ids = [i.decode() for i in self.redis.zrevrange(index, offset, offset + limit - 1)]
+        total = int(self.redis.zcard(index))
         return [s for s in (self.summary(i) for i in ids) if s is not None], total
 
-    def queued_ids(self) -> list[str]:
-        return [i.decode() for i in self.redis.zrange(Keys.QUEUED, 0, -1)]
+    def queued(self, owner: str | None = None) -> list[tuple[str, int]]:
+        """(job id, 1-based position in the whole queue) of every queued job, or ``owner``'s."""
+        if owner is None:
+            return [(i.decode(), n) for n, i in enumerate(self.redis.zrange(Keys.QUEUED, 0, -1), start=1)]
+        ids = [i.decode() for i in self.redis.zrange(Keys.owner_queued(owner), 0, -1)]
+        p = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            p.zrank(Keys.QUEUED, job_id)
+        return [(i, rank + 1) for i, rank in zip(ids, p.execute(), strict=True) if rank is not None]
 
-    def running_ids(self) -> list[str]:
-        return [i.decode() for i in self.redis.zrange(Keys.RUNNING, 0, -1)]
+    def running_ids(self, owner: str | None = None) -> list[str]:
+        ids = [i.decode() for i in self.redis.zrange(Keys.RUNNING, 0, -1)]
+        if owner is None or not ids:
+            return ids
+        p = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            p.hget(Keys.job(job_id), "owner")
+        return [i for i, o in zip(ids, p.execute(), strict=True) if o is not None and o.decode() == owner]
 
     def read_input(self, job_id: str) -> bytes | None:
         return self.redis.get(Keys.input(job_id))
