@@ -1,0 +1,253 @@
+"""API tokens, ownership and limits, in-process (fast lane): Flask's test client on the
+embedded Valkey; jobs are dispatched to its broker list (no worker runs them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+
+import pytest
+import redis
+
+from tasks.lifecycle import Lifecycle, QueueFull, new_job_id
+from tasks.protocol import Keys
+
+from .conftest import png_bytes
+from .test_webhooks_fast import SECRET
+
+ANN, BOB, ROOT = "ann-token-0123456789", "bob-token-0123456789", "root-token-0123456789"
+TOKENS = f"ann:{ANN},bob:{BOB}:user,root:{ROOT}:admin"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# -- parsing and tickets -------------------------------------------------------------------------
+def test_tokens_parse_inline_and_from_a_file(tmp_path):
+    from webapp.auth import Tokens
+
+    toks = Tokens.parse(TOKENS)
+    assert toks.lookup(ANN).name == "ann" and toks.lookup(ANN).role == "user"
+    assert toks.lookup(ROOT).admin and toks.lookup("nope") is None and toks.lookup(ANN + "x") is None
+    path = tmp_path / "tokens"
+    path.write_text(f"# the team\nann:{ANN}\n\nroot:{ROOT}:admin\n")
+    from_file = Tokens.parse(f"@{path}")
+    assert from_file.lookup(ROOT).admin and from_file.lookup(BOB) is None
+    assert not Tokens.parse("").required and "open" in Tokens.parse("").describe()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ann", "entry 1"), (f"ann:{ANN}:root", "entry 1 (ann)"), (f"ann:{ANN},ann:{BOB}", "ann appears twice"),
+    (f"ann:{ANN},bob:{ANN}", "bob has the same token"), (f"a b:{ANN}", "entry 1 (?)"),
+    ("@/no/such/file", "cannot read"),
+])  # fmt: skip
+def test_bad_token_specs_name_the_entry_never_the_token(spec, message):
+    from webapp.auth import Tokens
+
+    with pytest.raises(ValueError) as exc:
+        Tokens.parse(spec)
+    assert message in str(exc.value) and ANN not in str(exc.value)
+
+
+def test_access_tickets_expire_and_cannot_be_forged():
+    from webapp.auth import Principal, Tokens
+
+    toks = Tokens.parse(TOKENS)
+    ticket, expires = toks.ticket(Principal("ann", "user"), ttl=60, now=1000)
+    assert expires == 1060 and toks.redeem(ticket, now=1059) == Principal("ann", "user")
+    assert toks.redeem(ticket, now=1061) is None
+    name, exp, sig = ticket.split(".")
+    assert toks.redeem(f"root.{exp}.{sig}", now=1000) is None  # another name, same signature
+    assert toks.redeem(f"ann.{int(exp) + 3600}.{sig}", now=1000) is None  # a longer life
+    assert toks.redeem("ann", now=1000) is None and toks.redeem("", now=1000) is None
+    assert Tokens.parse(f"ann:{BOB}").redeem(ticket, now=1000) is None  # a rotated token kills its tickets
+
+
+# -- the app -------------------------------------------------------------------------------------------
+@pytest.fixture
+def secured(settings):
+    s = dataclasses.replace(settings, api_tokens=TOKENS, max_queued_per_token=2, user_max_seconds=3, user_max_steps=10,
+                            webhook_allow=("http://127.0.0.1:9/hook",), webhook_secret=SECRET)  # fmt: skip
+    from webapp import create_app
+
+    return create_app({"SETTINGS": s, "SWEEPER": False}).test_client()
+
+
+def submit(client, token: str | None, **fields):
+    data = {"image": (io.BytesIO(png_bytes()), "in.png"), "total_second_length": "1", "steps": "2", **fields}
+    return client.post("/api/jobs", data=data, headers=bearer(token) if token else {})
+
+
+def _error(resp, status: int, field: str | None) -> dict:
+    assert resp.status_code == status, resp.json
+    assert set(resp.json) == {"error", "field", "errors"} and resp.json["field"] == field
+    return resp.json
+
+
+def test_no_token_is_401_everywhere_but_the_page_and_probes(secured):
+    for method, path in [("get", "/api/jobs"), ("post", "/api/jobs"), ("get", "/api/info"), ("get", "/queue"),
+                         ("get", "/api/openapi.json"), ("get", "/status/x"), ("get", "/stream/status/x"),
+                         ("post", "/cancel/x"), ("delete", "/api/jobs/x"), ("get", "/ws/jobs"), ("put", "/api/jobs"),
+                         ("post", "/api/access"), ("get", "/nope")]:  # fmt: skip
+        resp = getattr(secured, method)(path)
+        _error(resp, 401, "authorization")
+        assert resp.headers["WWW-Authenticate"] == 'Bearer realm="framepack"', path
+    bad = secured.get("/api/jobs", headers=bearer("nope"))
+    _error(bad, 401, "authorization")
+    assert 'error="invalid_token"' in bad.headers["WWW-Authenticate"]
+    _error(secured.get("/api/jobs", headers={"Authorization": f"Basic {ANN}"}), 401, "authorization")
+    for path in ("/", "/jobs/abc", "/static/app.js", "/healthz"):
+        assert secured.get(path).status_code == 200, path
+    assert secured.get("/readyz").status_code == 503  # open, and honest: no worker
+    assert secured.get("/api/jobs", headers=bearer(ANN)).status_code == 200
+
+
+def test_a_user_sees_only_its_own_jobs_and_others_are_404(secured):
+    a = submit(secured, ANN).json
+    b = submit(secured, BOB).json
+    assert a["owner"] == "ann" and b["owner"] == "bob"
+    for path in (f"/api/jobs/{b['id']}", f"/api/jobs/{b['id']}/input", f"/status/{b['id']}", f"/result/{b['id']}",
+                 f"/stream/status/{b['id']}", f"/api/jobs/{b['id']}/video"):  # fmt: skip
+        _error(secured.get(path, headers=bearer(ANN)), 404, "job_id")
+    _error(secured.post(f"/api/jobs/{b['id']}/cancel", headers=bearer(ANN)), 404, "job_id")
+    _error(secured.post(f"/cancel/{b['id']}", headers=bearer(ANN)), 404, "job_id")
+    _error(secured.delete(f"/api/jobs/{b['id']}", headers=bearer(ANN)), 404, "job_id")
+    assert secured.get(f"/api/jobs/{b['id']}", headers=bearer(BOB)).json["state"] == "queued"  # untouched
+    listing = secured.get("/api/jobs", headers=bearer(ANN)).json
+    assert [j["id"] for j in listing["jobs"]] == [a["id"]] and listing["total"] == 1
+    queue = secured.get("/queue", headers=bearer(ANN)).json
+    assert queue["queue"] == [{"job_id": a["id"], "position": 1, "status": "pending"}] and queue["queue_length"] == 1
+    assert secured.get("/queue", headers=bearer(BOB)).json["queue"][0] == {"job_id": b["id"], "position": 2,
+                                                                           "status": "pending"}  # fmt: skip
+    _error(secured.get("/api/jobs?owner=bob", headers=bearer(ANN)), 403, "owner")
+    assert secured.get("/api/jobs?owner=ann", headers=bearer(ANN)).json["total"] == 1
+
+
+def test_an_admin_sees_cancels_and_deletes_every_job(secured):
+    b = submit(secured, BOB).json
+    submit(secured, ANN)
+    assert secured.get("/api/jobs", headers=bearer(ROOT)).json["total"] == 2
+    assert [j["id"] for j in secured.get("/api/jobs?owner=bob", headers=bearer(ROOT)).json["jobs"]] == [b["id"]]
+    assert len(secured.get("/queue", headers=bearer(ROOT)).json["queue"]) == 2
+    assert secured.post(f"/api/jobs/{b['id']}/cancel", headers=bearer(ROOT)).json["state"] == "cancelled"
+    assert secured.delete(f"/api/jobs/{b['id']}", headers=bearer(ROOT)).status_code == 204
+    _error(secured.get(f"/api/jobs/{b['id']}", headers=bearer(BOB)), 404, "job_id")
+
+
+def test_over_the_queued_limit_is_429_with_retry_after_and_nothing_stored(secured, valkey_url):
+    r = redis.Redis.from_url(valkey_url)
+    first, _ = submit(secured, ANN).json, submit(secured, ANN)
+    before = (r.zcard(Keys.JOBS), r.llen("gpu"), r.dbsize())
+    resp = submit(secured, ANN)
+    body = _error(resp, 429, "queue")
+    assert int(resp.headers["Retry-After"]) > 0 and "2 queued jobs" in body["error"]
+    assert (r.zcard(Keys.JOBS), r.llen("gpu"), r.dbsize()) == before
+    assert submit(secured, BOB).status_code == 202  # another token has its own allowance
+    legacy = {"image": (io.BytesIO(png_bytes()), "a.png"), "video_length": "1", "steps": "2"}
+    _error(secured.post("/generate", data=legacy, headers=bearer(ANN)), 429, "queue")
+    secured.post(f"/api/jobs/{first['id']}/cancel", headers=bearer(ANN))  # a place frees up
+    assert submit(secured, ANN).status_code == 202
+
+
+def test_concurrent_submits_cannot_both_take_the_last_place(settings, valkey_url):
+    s = dataclasses.replace(settings, max_queued_per_token=3)
+    results: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def one() -> None:
+        lc = Lifecycle(redis.Redis.from_url(valkey_url), s)
+        barrier.wait()
+        try:
+            lc.submit(new_job_id(), {}, "tiny", b"png", None, owner="ann")
+            results.append("ok")
+        except QueueFull as exc:
+            results.append(exc.scope)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == ["ok"] * 3 + ["token"] * 5
+    assert redis.Redis.from_url(valkey_url).zcard(Keys.owner_queued("ann")) == 3
+
+
+def test_the_whole_queue_has_a_limit_too(settings, valkey_url):
+    from webapp import create_app
+
+    client = create_app({"SETTINGS": dataclasses.replace(settings, max_queue=1), "SWEEPER": False}).test_client()
+    assert submit(client, None).status_code == 202
+    resp = submit(client, None)
+    _error(resp, 503, "queue")
+    assert resp.headers["Retry-After"]
+
+
+def test_role_limits_name_the_field(secured):
+    _error(submit(secured, ANN, total_second_length="4"), 422, "total_second_length")
+    _error(submit(secured, ANN, steps="11"), 422, "steps")
+    body = _error(secured.post("/generate", data={"image": (io.BytesIO(png_bytes()), "a.png"), "video_length": "5"},
+                               headers=bearer(ANN)), 422, "video_length")  # fmt: skip
+    assert "at most 3 seconds for a user token" in body["error"]
+    assert submit(secured, ROOT, total_second_length="4", steps="11").status_code == 202  # admins: the schema's
+
+
+def test_webhooks_are_checked_at_submit(secured, settings):
+    _error(submit(secured, ANN, webhook="http://127.0.0.1:9/other"), 400, "webhook")
+    _error(submit(secured, ANN, webhook="http://169.254.169.254/latest/"), 400, "webhook")
+    _error(submit(secured, ANN, webhook_events="start"), 400, "webhook_events")
+    _error(submit(secured, ANN, webhook="http://127.0.0.1:9/hook", webhook_events="start,done"), 422, "webhook_events")
+    job = submit(secured, ANN, webhook="http://127.0.0.1:9/hook/a", webhook_events=["section", "start"]).json
+    assert job["webhook"] == {"url": "http://127.0.0.1:9/hook/a", "events": ["start", "section"], "deliveries": []}
+    assert submit(secured, ANN, webhook="http://127.0.0.1:9/hook").json["webhook"]["events"] == ["completed"]
+    from webapp import create_app
+
+    closed = create_app({"SETTINGS": settings, "SWEEPER": False}).test_client()  # no FRAMEPACK_WEBHOOK_ALLOW
+    body = _error(submit(closed, None, webhook="http://127.0.0.1:9/hook"), 400, "webhook")
+    assert "not enabled" in body["error"]
+
+
+def test_access_tickets_open_reads_only(secured):
+    job = submit(secured, ANN).json
+    ticket = secured.post("/api/access", headers=bearer(ANN)).json
+    assert ticket["name"] == "ann" and ticket["ttl"] == 900 and ticket["access"].startswith("ann.")
+    q = f"?access={ticket['access']}"
+    assert secured.get(f"/api/jobs/{job['id']}{q}").status_code == 200
+    assert secured.get(f"/api/jobs/{job['id']}/input{q}").mimetype == "image/png"
+    _error(secured.post(f"/api/jobs/{job['id']}/cancel{q}"), 401, "access")
+    _error(secured.get(f"/api/jobs/{job['id']}?access=ann.1.forged"), 401, "access")
+    bob = secured.post("/api/access", headers=bearer(BOB)).json["access"]
+    _error(secured.get(f"/api/jobs/{job['id']}?access={bob}"), 404, "job_id")  # a ticket is its owner, no more
+
+
+def test_info_says_who_you_are_and_keeps_the_settings_for_admins(secured):
+    info = secured.get("/api/info", headers=bearer(ANN)).json
+    assert info["auth"] == {"required": True, "name": "ann", "role": "user"}
+    assert info["limits"]["max_seconds"] == 3 and info["limits"]["max_queued"] == 2 and info["limits"]["webhooks"]
+    assert "settings" not in info and "workers" not in info
+    admin = secured.get("/api/info", headers=bearer(ROOT)).json
+    assert admin["settings"]["api_tokens"] == "***" and ANN not in str(admin) and "workers" in admin
+
+
+def test_without_tokens_everything_is_open_as_before(settings):
+    from webapp import create_app
+
+    client = create_app({"SETTINGS": settings, "SWEEPER": False}).test_client()
+    job = submit(client, None).json
+    assert job["owner"] is None and client.get(f"/api/jobs/{job['id']}").status_code == 200
+    info = client.get("/api/info").json
+    assert info["auth"] == {"required": False, "name": "anonymous", "role": "admin"} and "settings" in info
+    assert client.post("/api/access").json["access"] is None
+    assert "securitySchemes" not in client.get("/api/openapi.json").json["components"]
+
+
+def test_the_feed_filter_keeps_other_owners_jobs_out():
+    from webapp.auth import Principal
+    from webapp.hub import Item, Outbox
+
+    ann = Principal("ann", "user")
+    box = Outbox(accept=lambda item: ann.may_see(item.data.get("owner")))
+    for owner in ("ann", "bob", None, "ann"):
+        box.put(Item("jobs", 0, "{}", None, {"owner": owner}))
+    assert [box.get(0).data["owner"], box.get(0).data["owner"], box.get(0)] == ["ann", "ann", None]
