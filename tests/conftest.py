@@ -112,11 +112,11 @@ STACK_ENV = {
 @contextlib.contextmanager
 def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None = None, password: str | None = None,
                   threads: int = 400):  # fmt: skip
-    """Valkey (append-only, restartable on its port) + one worker + the web tier, in ``root``.
+    """Valkey (append-only, restartable on its port) + one worker + the webhook worker + the web tier, in ``root``.
 
     With ``password``, every process connects as an ACL user ``framepack`` with it (the
     default user stays open for the embedded server's own readiness check)."""
-    from stack import Proc, Valkey, free_port, stack_env, wait_http, web_command, worker_command
+    from stack import Proc, Valkey, free_port, stack_env, wait_http, web_command, webhook_worker_command, worker_command
 
     config = {"user": f"framepack on >{password} ~* &* +@all"} if password else {}
     auth = f"framepack:{password}@" if password else ""
@@ -129,6 +129,7 @@ def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None =
         live = LiveStack(f"http://127.0.0.1:{port}", redis_url, root, env, valkey)
         stack.callback(lambda: live.valkey.__exit__(None, None, None))  # the one running now
         stack.enter_context(Proc(worker_command(), env, root / "worker.log", echo=False, name="worker"))
+        stack.enter_context(Proc(webhook_worker_command(), env, root / "webhooks.log", echo=False, name="webhooks"))
         web = stack.enter_context(Proc(web_command(port, threads=threads), env, root / "web.log", echo=False,
                                        name="web"))  # fmt: skip
         wait_http(live.base + "/readyz", 180, proc=web)
