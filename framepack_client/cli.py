@@ -3,6 +3,9 @@
     framepack-client submit photo.jpg --prompt "..." --set total_second_length=5 -o out.mp4
     framepack-client watch JOB_ID [-o out.mp4]
     framepack-client status JOB_ID | cancel JOB_ID | list
+
+With API tokens on the server: ``--token TOKEN`` or ``FRAMEPACK_TOKEN``.  ``submit --webhook URL``
+asks the server to POST signed job snapshots there (``--webhook-events start,section,completed``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def _params(pairs: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="framepack-client", description=__doc__.split("\n\n")[0])
     ap.add_argument("--server", default=os.environ.get("FRAMEPACK_SERVER", "http://127.0.0.1:8000"))
+    ap.add_argument("--token", default=os.environ.get("FRAMEPACK_TOKEN"),
+                    help="API token, when the server requires one (default: $FRAMEPACK_TOKEN)")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="queue a job, then watch it and download the video")
     s.add_argument("image")
@@ -37,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("-o", "--output", default=None, help="download the video here when done")
     s.add_argument("--no-wait", action="store_true")
     s.add_argument("--previews", default=None, help="save preview strips in this directory")
+    s.add_argument("--webhook", default=None, help="URL the server POSTs signed job snapshots to")
+    s.add_argument("--webhook-events", default=None, metavar="EVENTS",
+                   help="comma-separated: start, section, completed (default: completed)")
     w = sub.add_parser("watch", help="follow a job with progress bars")
     w.add_argument("job_id")
     w.add_argument("-o", "--output", default=None)
@@ -46,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list")
     args = ap.parse_args(argv)
 
-    with FramePackClient(args.server) as client:
+    with FramePackClient(args.server, token=args.token or "") as client:
         try:
             if args.command == "submit":
-                job = client.submit(args.image, args.end_image, prompt=args.prompt, **_params(args.set))
+                events = [e.strip() for e in args.webhook_events.split(",")] if args.webhook_events else None
+                job = client.submit(args.image, args.end_image, prompt=args.prompt, webhook=args.webhook,
+                                    webhook_events=events, **_params(args.set))  # fmt: skip
                 print(f"job {job['id']} queued (position {job.get('position')})", file=sys.stderr)
                 if args.no_wait:
                     print(job["id"])
