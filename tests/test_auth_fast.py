@@ -13,15 +13,8 @@ import redis
 from tasks.lifecycle import Lifecycle, QueueFull, new_job_id
 from tasks.protocol import Keys
 
-from .conftest import png_bytes
-from .test_webhooks_fast import SECRET
-
-ANN, BOB, ROOT = "ann-token-0123456789", "bob-token-0123456789", "root-token-0123456789"
-TOKENS = f"ann:{ANN},bob:{BOB}:user,root:{ROOT}:admin"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from .conftest import ADMIN, ANN, BOB, TOKENS, bearer, png_bytes
+from .conftest import WEBHOOK_SECRET as SECRET
 
 
 # -- parsing and tickets -------------------------------------------------------------------------
@@ -30,11 +23,11 @@ def test_tokens_parse_inline_and_from_a_file(tmp_path):
 
     toks = Tokens.parse(TOKENS)
     assert toks.lookup(ANN).name == "ann" and toks.lookup(ANN).role == "user"
-    assert toks.lookup(ROOT).admin and toks.lookup("nope") is None and toks.lookup(ANN + "x") is None
+    assert toks.lookup(ADMIN).admin and toks.lookup("nope") is None and toks.lookup(ANN + "x") is None
     path = tmp_path / "tokens"
-    path.write_text(f"# the team\nann:{ANN}\n\nroot:{ROOT}:admin\n")
+    path.write_text(f"# the team\nann:{ANN}\n\nroot:{ADMIN}:admin\n")
     from_file = Tokens.parse(f"@{path}")
-    assert from_file.lookup(ROOT).admin and from_file.lookup(BOB) is None
+    assert from_file.lookup(ADMIN).admin and from_file.lookup(BOB) is None
     assert not Tokens.parse("").required and "open" in Tokens.parse("").describe()
 
 
@@ -128,11 +121,11 @@ def test_a_user_sees_only_its_own_jobs_and_others_are_404(secured):
 def test_an_admin_sees_cancels_and_deletes_every_job(secured):
     b = submit(secured, BOB).json
     submit(secured, ANN)
-    assert secured.get("/api/jobs", headers=bearer(ROOT)).json["total"] == 2
-    assert [j["id"] for j in secured.get("/api/jobs?owner=bob", headers=bearer(ROOT)).json["jobs"]] == [b["id"]]
-    assert len(secured.get("/queue", headers=bearer(ROOT)).json["queue"]) == 2
-    assert secured.post(f"/api/jobs/{b['id']}/cancel", headers=bearer(ROOT)).json["state"] == "cancelled"
-    assert secured.delete(f"/api/jobs/{b['id']}", headers=bearer(ROOT)).status_code == 204
+    assert secured.get("/api/jobs", headers=bearer(ADMIN)).json["total"] == 2
+    assert [j["id"] for j in secured.get("/api/jobs?owner=bob", headers=bearer(ADMIN)).json["jobs"]] == [b["id"]]
+    assert len(secured.get("/queue", headers=bearer(ADMIN)).json["queue"]) == 2
+    assert secured.post(f"/api/jobs/{b['id']}/cancel", headers=bearer(ADMIN)).json["state"] == "cancelled"
+    assert secured.delete(f"/api/jobs/{b['id']}", headers=bearer(ADMIN)).status_code == 204
     _error(secured.get(f"/api/jobs/{b['id']}", headers=bearer(BOB)), 404, "job_id")
 
 
@@ -190,7 +183,7 @@ def test_role_limits_name_the_field(secured):
     body = _error(secured.post("/generate", data={"image": (io.BytesIO(png_bytes()), "a.png"), "video_length": "5"},
                                headers=bearer(ANN)), 422, "video_length")  # fmt: skip
     assert "at most 3 seconds for a user token" in body["error"]
-    assert submit(secured, ROOT, total_second_length="4", steps="11").status_code == 202  # admins: the schema's
+    assert submit(secured, ADMIN, total_second_length="4", steps="11").status_code == 202  # admins: the schema's
 
 
 def test_webhooks_are_checked_at_submit(secured, settings):
@@ -226,7 +219,7 @@ def test_info_says_who_you_are_and_keeps_the_settings_for_admins(secured):
     assert info["auth"] == {"required": True, "name": "ann", "role": "user"}
     assert info["limits"]["max_seconds"] == 3 and info["limits"]["max_queued"] == 2 and info["limits"]["webhooks"]
     assert "settings" not in info and "workers" not in info
-    admin = secured.get("/api/info", headers=bearer(ROOT)).json
+    admin = secured.get("/api/info", headers=bearer(ADMIN)).json
     assert admin["settings"]["api_tokens"] == "***" and ANN not in str(admin) and "workers" in admin
 
 

@@ -18,9 +18,9 @@ from tasks.snapshot import JobView, build_view
 from tasks.sweeper import Sweeper
 from tasks.webhooks import RECOVER_AFTER, Deliverer, WebhookRefused, check_url, deliveries
 
+from .conftest import WEBHOOK_SECRET as SECRET
 from .receiver import Receiver
 
-SECRET = "whsec_" + base64.b64encode(b"framepack-test-secret-32-bytes!!").decode()
 ALL = ["start", "section", "completed"]
 
 
