@@ -158,8 +158,8 @@ class Reporter:
         if event == "section" and self.section_webhook:
             try:
                 self.lifecycle.webhook_event(self.job_id, "section", meta)
-            except redis.RedisError as exc:
-                log.warning("job %s: section webhook not logged (%s)", self.job_id, exc)
+            except Exception as exc:  # noqa: BLE001 — a webhook is never worth stopping the updates
+                log.warning("job %s: section webhook not logged (%s: %s)", self.job_id, type(exc).__name__, exc)
         return True
 
     def _announce(self, meta: dict[str, Any]) -> None:
