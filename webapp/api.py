@@ -72,11 +72,11 @@ def parse_webhook(fields: dict[str, Any]) -> dict[str, Any] | None:
 def check_role_limits(params: JobParams, who: Principal) -> None:
     """The caller's role's limits on one job (``FRAMEPACK_<ROLE>_MAX_SECONDS`` / ``_STEPS``)."""
     max_seconds, max_steps = service().settings.job_limits(who.role)
+    where = f"for {'an' if who.admin else 'a'} {who.role} token" if who.authenticated else "on this server"
     if params.total_second_length > max_seconds:
-        raise ApiError(422, f"total_second_length: at most {max_seconds:g} seconds for a {who.role} token",
-                       "total_second_length")  # fmt: skip
+        raise ApiError(422, f"total_second_length: at most {max_seconds:g} seconds {where}", "total_second_length")
     if params.steps > max_steps:
-        raise ApiError(422, f"steps: at most {max_steps} steps for a {who.role} token", "steps")
+        raise ApiError(422, f"steps: at most {max_steps} steps {where}", "steps")
 
 
 def parse_submission(fields: dict[str, Any], files: dict[str, bytes]
