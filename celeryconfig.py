@@ -26,14 +26,17 @@ result_serializer = "json"
 accept_content = ["json"]
 timezone = "UTC"
 
-task_routes = {"tasks.generate_video": {"queue": "gpu"}}
+# Webhook deliveries have a queue of their own, consumed by a small non-GPU worker
+# (``celery -A tasks worker -Q webhooks -P threads``): a slow receiver never holds a GPU.
+task_routes = {"tasks.generate_video": {"queue": "gpu"}, "tasks.deliver_webhook": {"queue": "webhooks"}}
 task_queues = [
     _Queue(
         "gpu",
         queue_arguments={"x-consumer-timeout": (_s.max_job_seconds + 3600) * 1000}
         if broker_url.startswith("amqp")
         else None,
-    )
+    ),
+    _Queue("webhooks"),
 ]
 task_default_queue = "gpu"
 

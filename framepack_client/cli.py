@@ -9,6 +9,9 @@
 A batch file has one JSON object per line: {"image": "photo.jpg", "prompt": "...", ...}
 (image paths relative to the file).  The command exits non-zero if the server refused an
 entry or a job did not succeed.
+
+With API tokens on the server: ``--token TOKEN`` or ``FRAMEPACK_TOKEN``.  ``submit --webhook URL``
+asks the server to POST signed job snapshots there (``--webhook-events start,section,completed``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def _params(pairs: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="framepack-client", description=__doc__.split("\n\n")[0])
     ap.add_argument("--server", default=os.environ.get("FRAMEPACK_SERVER", "http://127.0.0.1:8000"))
+    ap.add_argument("--token", default=os.environ.get("FRAMEPACK_TOKEN"),
+                    help="API token, when the server requires one (default: $FRAMEPACK_TOKEN)")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="queue a job, then watch it and download the video")
     s.add_argument("image")
@@ -45,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("-o", "--output", default=None, help="download the video here when done")
     s.add_argument("--no-wait", action="store_true")
     s.add_argument("--previews", default=None, help="save preview strips in this directory")
+    s.add_argument("--webhook", default=None, help="URL the server POSTs signed job snapshots to")
+    s.add_argument("--webhook-events", default=None, metavar="EVENTS",
+                   help="comma-separated: start, section, completed (default: completed)")
     b = sub.add_parser("batch", help="queue a batch from a JSON-lines file, follow every job, download")
     b.add_argument("file")
     b.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="defaults for every entry")
@@ -66,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("loras")
     args = ap.parse_args(argv)
 
-    with FramePackClient(args.server) as client:
+    with FramePackClient(args.server, token=args.token or "") as client:
         try:
             if args.command == "submit":
+                events = [e.strip() for e in args.webhook_events.split(",")] if args.webhook_events else None
                 job = client.submit(args.image, args.end_image, loras=args.lora, prompt=args.prompt,
-                                    **_params(args.set))  # fmt: skip
+                                    webhook=args.webhook, webhook_events=events, **_params(args.set))  # fmt: skip
                 print(f"job {job['id']} queued (position {job.get('position')})", file=sys.stderr)
                 if args.no_wait:
                     print(job["id"])

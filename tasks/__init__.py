@@ -1,6 +1,8 @@
-"""Celery glue: the app and the ``tasks.generate_video`` task (never imports Flask).
+"""Celery glue: the app, the ``tasks.generate_video`` task and the ``tasks.deliver_webhook``
+task (never imports Flask).
 
-``celery -A tasks worker -Q gpu -c 1 -E`` finds :data:`app` here.  Importing this package
+``celery -A tasks worker -Q gpu -c 1 -E`` finds :data:`app` here (and ``-Q webhooks`` the
+small worker that delivers webhooks).  Importing this package
 does not import torch: the task imports the generation core when it first runs.
 """
 
@@ -9,4 +11,4 @@ from .app import make_celery
 app = make_celery()
 celery = app
 
-from . import worker  # noqa: E402,F401  (registers the task and the worker signals)
+from . import webhooks, worker  # noqa: E402,F401  (registers the tasks and the worker signals)

@@ -14,6 +14,13 @@ verdict, whoever tries to end it again.
 
 Progress updates are not transitions: the worker writes them with Celery's
 ``update_state`` (:class:`tasks.worker.Reporter`).
+
+A job may belong to an API token (``owner``): :meth:`submit` keeps per-owner indexes (its
+jobs, its queued jobs) and refuses, in the same transaction that stores the job, one over
+``max_queued_per_token`` or ``max_queue`` (:class:`QueueFull`), so two submits at once
+cannot both pass.  The transitions log the job's webhook events (:mod:`tasks.webhooks`):
+``start`` in :meth:`start`'s transaction, ``completed`` in :meth:`finish`'s, then send
+the delivery task (``dispatch``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 
 import redis
 
+from . import webhooks
 from .protocol import (
     TERMINAL,
     JobState,
@@ -62,7 +70,7 @@ def decode_record(raw: dict[Any, Any]) -> dict[str, Any] | None:
     if not raw:
         return None
     rec = {_s(k): _s(v) for k, v in raw.items()}
-    for key in ("params", "result"):
+    for key in ("params", "result", "webhook"):
         if rec.get(key):
             rec[key] = json.loads(rec[key])
     for key in ("created_at", "started_at", "finished_at"):
@@ -99,6 +107,16 @@ def holder_is_dead(holder: str | None) -> bool:
     return False
 
 
+class QueueFull(Exception):
+    """A submit refused before anything was stored: ``scope`` ``token`` (the owner has
+    ``limit`` queued jobs already) or ``queue`` (``limit`` jobs are queued in all)."""
+
+    def __init__(self, scope: str, limit: int):
+        self.scope, self.limit = scope, limit
+        who = "this token has" if scope == "token" else "the service has"
+        super().__init__(f"queue: {who} {limit} queued jobs already (the limit); retry when one has started")
+
+
 @dataclass(frozen=True)
 class Start:
     """What :meth:`Lifecycle.start` decided for a delivered task."""
@@ -113,10 +131,12 @@ class Start:
 
 
 class Lifecycle:
-    def __init__(self, client: redis.Redis, settings: Settings, announce: Announce | None = None):
+    def __init__(self, client: redis.Redis, settings: Settings, announce: Announce | None = None,
+                 dispatch: webhooks.Dispatch | None = None):  # fmt: skip
         self.r = client
         self.settings = settings
         self.announce = announce
+        self.dispatch = dispatch  # sends a webhook delivery task (None: the sweep sends it later)
 
     @property
     def ttl(self) -> int:
@@ -128,8 +148,13 @@ class Lifecycle:
 
     # -- queued ----------------------------------------------------------------------------
     def submit(self, job_id: str, params: dict[str, Any], profile: str, image_png: bytes, end_png: bytes | None,
-               batch: str | None = None, extends: str | None = None) -> dict[str, Any]:  # fmt: skip
-        """Record a queued job and its input, all or nothing (before it is dispatched)."""
+               batch: str | None = None, extends: str | None = None, *, owner: str | None = None,
+               webhook: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Record a queued job and its input, all or nothing (before it is dispatched).
+
+        Raises :class:`QueueFull` (nothing stored) when ``owner`` already has
+        ``max_queued_per_token`` queued jobs or ``max_queue`` jobs are queued in all; the
+        counts are read under WATCH, so concurrent submits cannot both take the last place."""
         now = time.time()
         number = self.r.incr(Keys.SUBMITTED)
         record = {"id": job_id, "state": JobState.QUEUED.value, "params": json.dumps(params), "profile": profile,
@@ -138,25 +163,46 @@ class Lifecycle:
             record["batch"] = batch
         if extends is not None:
             record["extends"] = extends
-        p = self.r.pipeline(transaction=True)
-        p.hset(Keys.job(job_id), mapping=record)
-        p.expire(Keys.job(job_id), self.ttl)
-        p.set(Keys.input(job_id), image_png, ex=self.ttl)
-        if end_png is not None:
-            p.set(Keys.end_image(job_id), end_png, ex=self.ttl)
-        p.zadd(Keys.JOBS, {job_id: now})
-        p.zadd(Keys.QUEUED, {job_id: number})
-        p.zrank(Keys.QUEUED, job_id)
-        rank = p.execute()[-1]
+        if owner is not None:
+            record["owner"] = owner
+        if webhook is not None:
+            record["webhook"] = json.dumps(webhook)
+        per_owner = self.settings.max_queued_per_token if owner is not None else 0
+        total = self.settings.max_queue
+
+        def txn(p: redis.client.Pipeline) -> None:
+            if total and p.zcard(Keys.QUEUED) >= total:
+                raise QueueFull("queue", total)
+            if per_owner and p.zcard(Keys.owner_queued(owner)) >= per_owner:
+                raise QueueFull("token", per_owner)
+            p.multi()
+            p.hset(Keys.job(job_id), mapping=record)
+            p.expire(Keys.job(job_id), self.ttl)
+            p.set(Keys.input(job_id), image_png, ex=self.ttl)
+            if end_png is not None:
+                p.set(Keys.end_image(job_id), end_png, ex=self.ttl)
+            p.zadd(Keys.JOBS, {job_id: now})
+            if owner is not None:
+                p.sadd(Keys.OWNERS, owner)
+                p.zadd(Keys.owner_jobs(owner), {job_id: now})
+                p.zadd(Keys.owner_queued(owner), {job_id: number})
+            p.zadd(Keys.QUEUED, {job_id: number})
+            p.zrank(Keys.QUEUED, job_id)
+
+        watched = ([Keys.QUEUED] if total else []) + ([Keys.owner_queued(owner)] if per_owner else [])
+        rank = self.r.transaction(txn, *watched)[-1]
         rec = decode_record(record) or {}
         view = build_view(rec, None, position=(rank or 0) + 1, alive=False, heartbeat_ttl=self.settings.heartbeat_ttl)
-        self.r.publish(Keys.EVENTS, feed_event("submitted", job_id, JobState.QUEUED, summary=summary_of(view)))
+        self.r.publish(Keys.EVENTS, feed_event("submitted", job_id, JobState.QUEUED, summary=summary_of(view),
+                                               owner=owner))  # fmt: skip
         return view
 
-    def record_batch(self, batch_id: str, job_ids: list[str], errors: list[dict[str, Any]]) -> None:
-        """A batch: its jobs (each already submitted) and the entries refused at submit."""
+    def record_batch(self, batch_id: str, job_ids: list[str], errors: list[dict[str, Any]],
+                     owner: str | None = None) -> None:  # fmt: skip
+        """A batch: its jobs (each already submitted), the entries refused at submit and
+        whose it is (the token's name; "" when anonymous)."""
         p = self.r.pipeline(transaction=True)
-        p.hset(Keys.batch(batch_id), mapping={"id": batch_id, "created_at": repr(time.time()),
+        p.hset(Keys.batch(batch_id), mapping={"id": batch_id, "created_at": repr(time.time()), "owner": owner or "",
                                               "count": len(job_ids), "errors": json.dumps(errors)})  # fmt: skip
         if job_ids:
             p.rpush(Keys.batch_jobs(batch_id), *job_ids)
@@ -164,14 +210,17 @@ class Lifecycle:
         p.expire(Keys.batch_jobs(batch_id), self.ttl)
         p.execute()
 
-    def discard(self, job_id: str) -> None:
+    def discard(self, job_id: str, owner: str | None = None) -> None:
         """Undo :meth:`submit` (dispatch failed): nothing half-written stays."""
         p = self.r.pipeline(transaction=True)
         p.delete(Keys.job(job_id), Keys.input(job_id), Keys.end_image(job_id))
         p.zrem(Keys.JOBS, job_id)
         p.zrem(Keys.QUEUED, job_id)
+        if owner is not None:
+            p.zrem(Keys.owner_jobs(owner), job_id)
+            p.zrem(Keys.owner_queued(owner), job_id)
         p.execute()
-        self.r.publish(Keys.EVENTS, feed_event("deleted", job_id, None))
+        self.r.publish(Keys.EVENTS, feed_event("deleted", job_id, None, owner=owner))
 
     def request_cancel(self, job_id: str) -> None:
         """Cooperative cancel: a running worker stops at its next step; a queued job is
@@ -209,11 +258,17 @@ class Lifecycle:
             now = repr(time.time())
             pipe.multi()
             started = repr(rec["started_at"]) if rec.get("started_at") else now  # a redelivery keeps the first
-            pipe.hset(key, mapping={"state": JobState.RUNNING.value, "worker": worker, "attempts": attempts,
-                                    "started_at": started})  # fmt: skip
+            running = {"state": JobState.RUNNING.value, "worker": worker, "attempts": attempts, "started_at": started}
+            pipe.hset(key, mapping=running)
             pipe.zrem(Keys.QUEUED, job_id)
+            if rec.get("owner"):
+                pipe.zrem(Keys.owner_queued(rec["owner"]), job_id)
             pipe.zadd(Keys.RUNNING, {job_id: float(now)})
             pipe.set(beat, worker, ex=self.settings.heartbeat_ttl)
+            if attempts == 1 and webhooks.wants(rec, "start"):  # once: a redelivery is no new start
+                view = build_view({**rec, **running, "started_at": float(started)}, None, position=None, alive=True,
+                                  heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
+                webhooks.log_event(pipe, job_id, "start", webhooks.payload("start", view), rec["seq"], self.ttl)
             return Start("run", rec, attempts)
 
         position = self.r.zrank(Keys.QUEUED, job_id)
@@ -228,8 +283,34 @@ class Lifecycle:
                 return Start("ended", self.record(job_id), decision.attempts)
             self.r.publish(Keys.EVENTS, feed_event("started", job_id, JobState.RUNNING, seq=decision.record["seq"],
                                                    left_position=None if position is None else position + 1,
-                                                   attempts=decision.attempts))  # fmt: skip
+                                                   attempts=decision.attempts,
+                                                   owner=decision.record.get("owner")))  # fmt: skip
+            if decision.attempts == 1 and webhooks.wants(decision.record, "start"):
+                self.deliver_webhooks(job_id)
         return decision
+
+    def webhook_event(self, job_id: str, event: str, meta: dict[str, Any]) -> None:
+        """Log a running job's webhook ``event`` (``section``: the worker wrote that update,
+        ``meta``) with the snapshot of that moment, and send the delivery task."""
+        rec = self.record(job_id)
+        if rec is None or not webhooks.wants(rec, event):
+            return
+        view = build_view(rec, (JobState.RUNNING, meta), position=None, alive=True,
+                          heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
+        p = self.r.pipeline(transaction=True)
+        webhooks.log_event(p, job_id, event, webhooks.payload(event, view), meta.get("seq", 0), self.ttl)
+        p.execute()
+        self.deliver_webhooks(job_id)
+
+    def deliver_webhooks(self, job_id: str) -> None:
+        """Send the job's webhook delivery task; a broker that refuses is no reason to fail a
+        transition (the sweep sends it again once the delivery is overdue)."""
+        if self.dispatch is None:
+            return
+        try:
+            self.dispatch(job_id, 0.0)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("job %s: could not send its webhook delivery task (the sweep retries): %s", job_id, exc)
 
     def save_seq(self, job_id: str, seq: int) -> None:
         """The last update's ``seq``, kept in the record: a redelivered run continues from it
@@ -293,6 +374,8 @@ class Lifecycle:
             pipe.hset(key, mapping=record)
             pipe.zrem(Keys.QUEUED, job_id)
             pipe.zrem(Keys.RUNNING, job_id)
+            if rec.get("owner"):
+                pipe.zrem(Keys.owner_queued(rec["owner"]), job_id)
             pipe.hdel(Keys.MISSING, job_id)
             if JobState(rec["state"]) is JobState.QUEUED:  # never ran: its input is nowhere else, keep it
                 pipe.delete(Keys.heartbeat(job_id))
@@ -301,10 +384,17 @@ class Lifecycle:
             pipe.set(meta_key, doc, ex=self.ttl)
             pipe.publish(meta_key, doc)
             pipe.publish(Keys.EVENTS, feed_event("finished", job_id, state, seq=seq, summary=summary_of(view),
-                                                 left_position=None if position is None else position + 1))  # fmt: skip
+                                                 left_position=None if position is None else position + 1,
+                                                 owner=rec.get("owner")))  # fmt: skip
+            if webhooks.wants(rec, "completed"):  # in this transaction: logged exactly once
+                webhooks.log_event(pipe, job_id, "completed", webhooks.payload("completed", view), seq, self.ttl)
+                notify.append(job_id)
             return meta
 
+        notify: list[str] = []
         meta = self.r.transaction(txn, key, meta_key, value_from_callable=True)
+        if meta is not None and notify:
+            self.deliver_webhooks(job_id)
         if meta is not None and announce and self.announce is not None:
             event, event_fields = flower_event(state, meta)
             try:
@@ -329,12 +419,16 @@ class Lifecycle:
                 time.sleep(1.0)
 
     def delete(self, job_id: str) -> None:
-        """Forget a finished job (the caller removes its files)."""
+        """Forget a finished job, its webhook log included (the caller removes its files)."""
+        owner = _s(self.r.hget(Keys.job(job_id), "owner"))
         p = self.r.pipeline(transaction=True)
         p.delete(Keys.job(job_id), Keys.input(job_id), Keys.end_image(job_id), Keys.cancel(job_id),
-                 Keys.celery_meta(job_id), Keys.heartbeat(job_id))  # fmt: skip
-        for index in (Keys.JOBS, Keys.QUEUED, Keys.RUNNING):
+                 Keys.celery_meta(job_id), Keys.heartbeat(job_id), Keys.webhook_log(job_id))  # fmt: skip
+        for index in (Keys.JOBS, Keys.QUEUED, Keys.RUNNING, Keys.WEBHOOKS_DUE):
             p.zrem(index, job_id)
+        if owner:
+            p.zrem(Keys.owner_jobs(owner), job_id)
+            p.zrem(Keys.owner_queued(owner), job_id)
         p.hdel(Keys.MISSING, job_id)
-        p.publish(Keys.EVENTS, feed_event("deleted", job_id, None))
+        p.publish(Keys.EVENTS, feed_event("deleted", job_id, None, owner=owner))
         p.execute()

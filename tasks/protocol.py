@@ -75,6 +75,8 @@ class Keys:
     HUB = "fp:hub"  # pub/sub: never published; keeps a web process's reader subscribed
     SWEEPER = "fp:sweeper"  # STRING (short TTL): which process runs the background sweep
     MISSING = "fp:missing"  # HASH job_id -> first sweep that found its message gone from the broker
+    OWNERS = "fp:owners"  # SET: names of every token that submitted (their indexes below)
+    WEBHOOKS_DUE = "fp:webhooks"  # ZSET job_id -> when its next webhook delivery is due (sweep re-dispatches)
 
     @staticmethod
     def job(job_id: str) -> str:  # HASH: the job record (see JOB_FIELDS)
@@ -95,6 +97,22 @@ class Keys:
     @staticmethod
     def heartbeat(job_id: str) -> str:  # exists (short TTL) while a worker runs the job
         return f"fp:job:{job_id}:heartbeat"
+
+    @staticmethod
+    def webhook_log(job_id: str) -> str:  # LIST of JSON: the job's webhook events and their attempts
+        return f"fp:job:{job_id}:webhook"
+
+    @staticmethod
+    def webhook_lock(job_id: str) -> str:  # exists (short TTL) while one process delivers the job's webhooks
+        return f"fp:job:{job_id}:webhook:lock"
+
+    @staticmethod
+    def owner_jobs(owner: str) -> str:  # ZSET job_id -> created (epoch): one token's jobs, for its listing
+        return f"fp:owner:{owner}:jobs"
+
+    @staticmethod
+    def owner_queued(owner: str) -> str:  # ZSET job_id -> submit number: one token's queued jobs (its limit)
+        return f"fp:owner:{owner}:queued"
 
     @staticmethod
     def worker(name: str) -> str:  # JSON: profile, variants, queues, busy job (short TTL)
@@ -134,6 +152,8 @@ JOB_FIELDS = (
     "seq",  # the last update's seq (a redelivered run goes on from it)
     "batch",  # the batch the job was submitted in, if any
     "extends",  # the finished job whose video this one continues, if any
+    "owner",  # the name of the API token that submitted it (absent when the API is open)
+    "webhook",  # JSON: {"url", "events"} when the job asked to be called back
 )
 
 
@@ -259,13 +279,14 @@ FEED_EVENTS = ("submitted", "started", "progress", "finished", "deleted")
 
 
 def feed_event(event: str, job_id: str, state: JobState | None, *, seq: int = 0, left_position: int | None = None,
-               summary: dict[str, Any] | None = None, **fields: Any) -> str:  # fmt: skip
+               summary: dict[str, Any] | None = None, owner: str | None = None, **fields: Any) -> str:  # fmt: skip
     """One ``/ws/jobs`` message: what happened to which job, its ``summary`` row (same shape
     as ``GET /api/jobs`` rows) when the publisher has it, and ``left_position``, the queue
-    position a job held when it left the queue (every queued job behind it moves up one)."""
+    position a job held when it left the queue (every queued job behind it moves up one).
+    ``owner`` (the submitting token's name) lets each web process show a user only theirs."""
     assert event in FEED_EVENTS
     body = {"type": "job", "event": event, "job_id": job_id, "state": state and state.value, "seq": seq,
-            "left_position": left_position, **fields}  # fmt: skip
+            "left_position": left_position, "owner": owner, **fields}  # fmt: skip
     if summary is not None:
         body["job"] = summary
     return json.dumps(body, separators=(",", ":"))

@@ -6,7 +6,8 @@ and broker call — the ``update_state`` write (GET + SETEX + PUBLISH in Celery'
 the preview's base64, the record's ``seq``, Flower's progress event and the all-jobs feed.
 
 While a write is slow or Redis is down, newer progress replaces pending progress (latest
-wins, as in the web tier's outboxes); stage and section updates keep their place.  A write
+wins, as in the web tier's outboxes); stage and section updates keep their place.  A
+section update, once written, is also the job's ``section`` webhook event (when it asked).  A write
 that fails is dropped without consuming a ``seq`` (every update carries all fields, so the
 next one loses nothing but the intermediate steps).  :meth:`Reporter.close` waits for the
 writer before the job's end is written, so no update can land after the final.
@@ -23,6 +24,7 @@ from typing import Any
 
 import redis
 
+from . import webhooks
 from .lifecycle import Lifecycle
 from .protocol import STATE_TO_CELERY, JobState, Keys, feed_event, flower_event, make_meta, preview_field
 
@@ -47,8 +49,13 @@ class Reporter:
         hostname: str | None = None,
         progress_interval: float = 0.1,
         sections_done: list[dict[str, Any]] | None = None,
+        record: dict[str, Any] | None = None,
     ):
+        """``record`` is the job's (decoded) record: its owner labels the feed's progress
+        events, its webhook says whether sections are announced."""
         self.task, self.job_id, self.lifecycle = task, job_id, lifecycle
+        self.owner = (record or {}).get("owner")
+        self.section_webhook = webhooks.wants(record, "section")
         self.hostname = hostname  # the Celery worker's, for the events it sends
         self.progress_interval = progress_interval
         self.seq = seq  # a redelivered job continues its predecessor's sequence
@@ -153,6 +160,11 @@ class Reporter:
         except redis.RedisError:
             pass  # the meta holds it; the job's end takes the larger of the two
         self._announce(meta)
+        if event == "section" and self.section_webhook:
+            try:
+                self.lifecycle.webhook_event(self.job_id, "section", meta)
+            except Exception as exc:  # noqa: BLE001 — a webhook is never worth stopping the updates
+                log.warning("job %s: section webhook not logged (%s: %s)", self.job_id, type(exc).__name__, exc)
         return True
 
     def _announce(self, meta: dict[str, Any]) -> None:
@@ -170,6 +182,7 @@ class Reporter:
         keep = ("stage", "progress", "step", "steps", "section", "sections", "eta")
         try:
             self.lifecycle.r.publish(Keys.EVENTS, feed_event("progress", self.job_id, JobState.RUNNING,
-                                                             seq=meta["seq"], **{k: meta.get(k) for k in keep}))
+                                                             seq=meta["seq"], owner=self.owner,
+                                                             **{k: meta.get(k) for k in keep}))
         except redis.RedisError:
             pass

@@ -10,6 +10,8 @@ restart with exponential back-off (redis-py's ``Retry``), for ``redis_retry_seco
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import os
 from collections.abc import Mapping
@@ -31,6 +33,36 @@ def _num(env: Mapping[str, str], name: str, default: float, kind: type = float) 
         return kind(raw) if raw.strip() else kind(default)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _webhook_allow(env: Mapping[str, str]) -> tuple[str, ...]:
+    prefixes = _list(env, "FRAMEPACK_WEBHOOK_ALLOW")
+    for prefix in prefixes:
+        parts = urlsplit(prefix)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"FRAMEPACK_WEBHOOK_ALLOW: {prefix!r} is not an http(s) URL prefix")
+    return prefixes
+
+
+def _webhook_secret(env: Mapping[str, str], allow: tuple[str, ...]) -> str:
+    """Standard Webhooks' ``whsec_<base64>``; required as soon as webhooks are allowed, so a
+    misconfigured server says so at start instead of refusing every webhook later."""
+    secret = env.get("FRAMEPACK_WEBHOOK_SECRET", "").strip()
+    if not secret:
+        if allow:
+            raise ValueError("FRAMEPACK_WEBHOOK_ALLOW is set but FRAMEPACK_WEBHOOK_SECRET is not (whsec_<base64>)")
+        return ""
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) < 16:
+        raise ValueError("FRAMEPACK_WEBHOOK_SECRET must be whsec_ followed by base64 of at least 16 random bytes")
+    return secret
 
 
 def mask_url(url: str) -> str:
@@ -79,12 +111,35 @@ class Settings:
     max_completed_jobs: int = 100
     max_upload_bytes: int = 32 * 2**20
     ws_send_buffer: int = 256 * 1024
+    #: API tokens: ``name:token[:role]`` entries, comma-separated, or ``@/path`` to a file
+    #: with one per line (parsed by ``webapp.auth``).  Empty: the API is open.
+    api_tokens: str = ""
+    #: Lifetime of a signed access ticket (``?access=``: browsers' WebSocket, EventSource, <video>).
+    access_ttl: int = 900
+    #: Queued jobs one token may have (429 beyond); 0 = no limit.  Not applied without tokens.
+    max_queued_per_token: int = 10
+    #: Queued jobs in all (503 beyond); 0 = no limit.
+    max_queue: int = 1000
+    #: The longest video (seconds) and the most steps per section one job may ask for, per role.
+    user_max_seconds: float = 120.0
+    user_max_steps: int = 100
+    admin_max_seconds: float = 120.0
+    admin_max_steps: int = 100
+    #: URL prefixes a job's webhook must start with; empty: webhooks are refused.
+    webhook_allow: tuple[str, ...] = ()
+    #: Standard Webhooks signing secret (``whsec_<base64>``).
+    webhook_secret: str = ""
+    #: First retry of a failed delivery after this many seconds, doubling (capped at an hour)...
+    webhook_backoff: float = 5.0
+    #: ...for at most this long after the event; then the delivery is given up.
+    webhook_retry_seconds: float = 24 * 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         d = cls()
         redis_url = env.get("REDIS_URL") or d.redis_url
+        allow = _webhook_allow(env)
         return cls(
             redis_url=redis_url,
             broker_url=env.get("CELERY_BROKER_URL") or redis_url,
@@ -106,6 +161,18 @@ class Settings:
             max_completed_jobs=_num(env, "FRAMEPACK_MAX_COMPLETED_JOBS", d.max_completed_jobs, int),
             max_upload_bytes=_num(env, "FRAMEPACK_MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
             ws_send_buffer=_num(env, "FRAMEPACK_WS_SEND_BUFFER", d.ws_send_buffer, int),
+            api_tokens=env.get("FRAMEPACK_API_TOKENS", "").strip(),
+            access_ttl=_num(env, "FRAMEPACK_ACCESS_TTL", d.access_ttl, int),
+            max_queued_per_token=_num(env, "FRAMEPACK_MAX_QUEUED_PER_TOKEN", d.max_queued_per_token, int),
+            max_queue=_num(env, "FRAMEPACK_MAX_QUEUE", d.max_queue, int),
+            user_max_seconds=_num(env, "FRAMEPACK_USER_MAX_SECONDS", d.user_max_seconds),
+            user_max_steps=_num(env, "FRAMEPACK_USER_MAX_STEPS", d.user_max_steps, int),
+            admin_max_seconds=_num(env, "FRAMEPACK_ADMIN_MAX_SECONDS", d.admin_max_seconds),
+            admin_max_steps=_num(env, "FRAMEPACK_ADMIN_MAX_STEPS", d.admin_max_steps, int),
+            webhook_allow=allow,
+            webhook_secret=_webhook_secret(env, allow),
+            webhook_backoff=_num(env, "FRAMEPACK_WEBHOOK_BACKOFF", d.webhook_backoff),
+            webhook_retry_seconds=_num(env, "FRAMEPACK_WEBHOOK_RETRY_SECONDS", d.webhook_retry_seconds),
         )
 
     @property
@@ -114,11 +181,21 @@ class Settings:
         backend = self.result_backend
         return backend if backend.startswith(("redis://", "rediss://", "unix://")) else self.redis_url
 
+    def job_limits(self, role: str) -> tuple[float, int]:
+        """(longest video in seconds, most steps) one job of ``role`` may ask for."""
+        if role == "admin":
+            return self.admin_max_seconds, self.admin_max_steps
+        return self.user_max_seconds, self.user_max_steps
+
     def public(self) -> dict[str, Any]:
-        """The settings as ``/api/info`` shows them: URLs without passwords."""
+        """The settings as ``/api/info`` shows them: URLs without passwords, no secrets."""
         out = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
         for key in ("redis_url", "broker_url", "result_backend"):
             out[key] = mask_url(out[key])
+        tokens = self.api_tokens
+        out["api_tokens"] = tokens if tokens.startswith("@") else "***" if tokens else ""
+        out["webhook_secret"] = "***" if self.webhook_secret else ""
+        out["webhook_allow"] = list(self.webhook_allow)
         return out
 
 

@@ -53,6 +53,30 @@ class SectionDone(BaseModel):
     url: str
 
 
+class WebhookAttempt(BaseModel):
+    at: float = Field(description="When the POST was sent (epoch seconds)")
+    status: int | None = Field(description="The receiver's HTTP status; null when it could not be reached")
+    ok: bool
+    seconds: float
+    error: str | None
+
+
+class WebhookDelivery(BaseModel):
+    id: str = Field(description="The webhook-id header: the same for every attempt of this event")
+    event: str = Field(description="start | section | completed")
+    state: str = Field(description="pending | delivered | failed (given up)")
+    created_at: float
+    next_at: float = Field(description="When the next attempt is due (pending deliveries)")
+    delivered_at: float | None = None
+    attempts: list[WebhookAttempt]
+
+
+class Webhook(BaseModel):
+    url: str
+    events: list[str]
+    deliveries: list[WebhookDelivery] = Field(description="Every event sent or to send, in order, with its attempts")
+
+
 class JobView(BaseModel):
     """The snapshot of one job (``GET /api/jobs/<id>``, WebSocket ``snapshot.job``)."""
 
@@ -87,6 +111,8 @@ class JobView(BaseModel):
     profile: str | None
     batch: str | None = Field(description="The batch it was submitted in")
     extends: str | None = Field(description="The finished job whose video this one continues")
+    owner: str | None = Field(description="The name of the API token that submitted it (null when the API is open)")
+    webhook: Webhook | None
     links: Links
 
 
@@ -108,6 +134,7 @@ class JobSummary(BaseModel):
     created_at: float | None
     finished_at: float | None
     batch: str | None
+    owner: str | None
     prompt: str
     links: Links
 
@@ -146,10 +173,12 @@ def build_view(
     alive: bool,
     heartbeat_ttl: float,
     now: float | None = None,
+    deliveries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The snapshot, from what is stored.  The record's state is the truth once it is
     terminal (the lifecycle writes record and meta together); before that, a terminal meta
-    (written by Celery itself: revoke, terminate) wins."""
+    (written by Celery itself: revoke, terminate) wins.  ``deliveries`` is the job's webhook
+    log (:func:`tasks.webhooks.deliveries`)."""
     now = time.time() if now is None else now
     job_id = record["id"]
     meta = decorate(job_id, latest[1]) if latest else {}
@@ -191,6 +220,8 @@ def build_view(
         "profile": record.get("profile"),
         "batch": record.get("batch"),
         "extends": record.get("extends"),
+        "owner": record.get("owner"),
+        "webhook": {**hook, "deliveries": deliveries or []} if (hook := record.get("webhook")) else None,
         "links": job_links(job_id),
     }
     return view

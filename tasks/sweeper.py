@@ -9,7 +9,10 @@ Every ``sweep_seconds`` one process (a Redis lock elects it among every web proc
   lists, ``inspect().revoked()``) is cancelled now, not when its message is delivered;
 - **purged**: a queued job whose message is in no broker queue, no worker's hands and no
   unacknowledged set, in two sweeps in a row, is cancelled ("purged from the broker");
-- **expired**: index entries whose records expired (``result_expires``) go, with files.
+- **expired**: index entries whose records expired (``result_expires``) go, with files
+  (the per-token indexes too);
+- **webhooks**: a job whose webhook delivery has been due for a minute (its task was lost:
+  the broker refused it, or a webhook worker died holding a retry) gets a delivery task again.
 
 Reads never end jobs: ``GET`` only reports ``stalled``; this module acts on it.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import redis
 
+from . import webhooks
 from .lifecycle import Lifecycle
 from .protocol import QUEUE, JobState, Keys, Reason
 from .settings import connect
@@ -43,8 +47,9 @@ class Broker:
     """What the sweep needs to know of the broker and the workers.
 
     ``nodes()`` names the Celery workers expected to answer ``inspect`` (from their
-    heartbeat records), so a broadcast returns as soon as they all did instead of waiting
-    out its timeout."""
+    heartbeat records: the ``gpu`` workers), so a broadcast goes to them only and returns as
+    soon as they all did instead of waiting out its timeout (the ``webhooks`` worker, which
+    holds no job, must not count as one of them)."""
 
     def __init__(self, celery: Any, nodes: Callable[[], set[str]] | None = None, inspect_timeout: float = 1.0):
         self.celery = celery
@@ -55,8 +60,9 @@ class Broker:
 
     def _inspect(self, method: str) -> dict[str, list] | None:
         try:
-            expected = len(self.nodes()) or None
-            inspect = self.celery.control.inspect(timeout=self.inspect_timeout, limit=expected)
+            nodes = sorted(self.nodes())
+            inspect = self.celery.control.inspect(timeout=self.inspect_timeout, limit=len(nodes) or None,
+                                                  destination=nodes or None)  # fmt: skip
             replies = getattr(inspect, method)()
         except Exception as exc:  # noqa: BLE001 — broker unreachable: decide nothing this time
             log.warning("inspect %s failed: %s", method, exc)
@@ -125,7 +131,8 @@ class Sweeper:
     # -- one pass ----------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> dict[str, list[str]]:
         now = time.time() if now is None else now
-        done = {"stalled": self._stalled(now), "revoked": [], "purged": [], "expired": self._expired(now)}
+        done = {"stalled": self._stalled(now), "revoked": [], "purged": [], "expired": self._expired(now),
+                "webhooks": self._webhooks(now)}  # fmt: skip
         queued = [i.decode() for i in self.r.zrange(Keys.QUEUED, 0, -1)]
         if queued and self.broker is not None:
             done["revoked"] = self._revoked(queued)
@@ -186,12 +193,29 @@ class Sweeper:
         cutoff = now - self.settings.result_ttl
         old = [i.decode() for i in self.r.zrangebyscore(Keys.JOBS, 0, cutoff)]
         gone = [i for i in old if not self.r.exists(Keys.job(i))]
+        owners = [o.decode() for o in self.r.smembers(Keys.OWNERS)]
         if gone:
-            for index in (Keys.JOBS, Keys.QUEUED, Keys.RUNNING):
+            for index in (Keys.JOBS, Keys.QUEUED, Keys.RUNNING, Keys.WEBHOOKS_DUE,
+                          *(Keys.owner_queued(o) for o in owners)):  # fmt: skip
                 self.r.zrem(index, *gone)
             for job_id in gone:
                 self.remove_files(job_id)
+        for owner in owners:  # each token's listing: the same cutoff (scores are creation times)
+            index = Keys.owner_jobs(owner)
+            stale = [i for i in self.r.zrangebyscore(index, 0, cutoff) if not self.r.exists(Keys.job(i.decode()))]
+            if stale:
+                self.r.zrem(index, *stale)
         return gone
+
+    def _webhooks(self, now: float) -> list[str]:
+        """Send the delivery task again for jobs whose delivery is overdue (lost task)."""
+        if self.lc.dispatch is None:
+            return []
+        late = webhooks.overdue(self.r, now)
+        for job_id in late:
+            self.r.zadd(Keys.WEBHOOKS_DUE, {job_id: now})  # not again before RECOVER_AFTER
+            self.lc.deliver_webhooks(job_id)
+        return late
 
     # -- the background thread -----------------------------------------------------------------
     def start(self, owner: str) -> None:

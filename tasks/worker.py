@@ -11,6 +11,9 @@ Redis outages: sampling never waits on Redis (:mod:`tasks.reporter` writes updat
 its own thread, latest progress wins), the cancel check treats an unreachable Redis as
 "not cancelled", and the job's end is retried until Redis answers
 (``FRAMEPACK_FINAL_RETRY_SECONDS``).
+
+The same package runs the ``webhooks`` queue's worker (:mod:`tasks.webhooks`); a worker that
+does not consume ``gpu`` loads no model and publishes no heartbeat.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.signals import task_revoked, worker_init, worker_process_init, worker_ready
 
 from . import settings as settings_module
+from . import webhooks
 from .lifecycle import Lifecycle, holder_is_dead, worker_name
 from .protocol import INPUT_FILE, QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, flower_event, result_text
 from .reporter import Reporter
@@ -49,6 +53,7 @@ class WorkerState:
         self.current_job: str | None = None
         self.pool = "prefork"
         self.node: str | None = None  # the Celery worker's hostname (what `celery inspect` names)
+        self.runs_jobs = True  # False in a worker that consumes only other queues (webhooks)
         self._heartbeat: threading.Thread | None = None
         self._clients: dict[str, redis.Redis] = {}
         self._pid = os.getpid()
@@ -80,7 +85,8 @@ class WorkerState:
             if task is not None:
                 task.send_event(event, **fields)
 
-        return Lifecycle(self.redis, self.settings, announce if task is not None else None)
+        dispatch = webhooks.dispatcher(task.app) if task is not None else None
+        return Lifecycle(self.redis, self.settings, announce if task is not None else None, dispatch)
 
     def record(self) -> dict[str, Any]:
         models = self.models
@@ -186,6 +192,8 @@ def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
     ``worker_proc_alive_timeout`` seconds, and real weights take minutes to load.  Until
     then the heartbeat says ``ready: false``; a task that arrives first waits for the load."""
     STATE.after_fork()
+    if not STATE.runs_jobs:
+        return
     try:
         forget_dead_siblings()
     except redis.RedisError as exc:
@@ -198,11 +206,14 @@ def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     STATE.pool = str(getattr(sender, "pool_cls", "")).lower()
     STATE.node = getattr(sender, "hostname", None)
+    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    consumed = getattr(queues, "consume_from", None)
+    STATE.runs_jobs = consumed is None or QUEUE in consumed
 
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:  # solo/threads pools run tasks in this very process
-    if "prefork" not in STATE.pool:
+    if "prefork" not in STATE.pool and STATE.runs_jobs:
         _load_or_report()
 
 
@@ -228,7 +239,7 @@ def _on_revoked(request: Any = None, terminated: bool = False, signum: Any = Non
         with current_app.events.default_dispatcher(hostname=getattr(request, "hostname", None)) as dispatcher:
             dispatcher.send(event, uuid=job_id, **fields)
 
-    lc = Lifecycle(STATE.redis, STATE.settings, announce)
+    lc = Lifecycle(STATE.redis, STATE.settings, announce, webhooks.dispatcher(current_app))
     lc.request_cancel(job_id)  # a redelivered copy never runs
     lc.finish_patiently(job_id, JobState.CANCELLED, reason=reason)
 
@@ -286,7 +297,7 @@ def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> str | Non
     last_seq = max(record.get("seq", 0), int(previous.get("seq") or 0))
     reporter = Reporter(self, job_id, lc, record.get("started_at") or time.time(), last_seq,
                         attempts=start.attempts, hostname=self.request.hostname,
-                        progress_interval=STATE.settings.progress_interval,
+                        progress_interval=STATE.settings.progress_interval, record=record,
                         sections_done=previous.get("sections_done") or [])  # fmt: skip
     STATE.current_job = job_id
     try:

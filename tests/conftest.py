@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 from pathlib import Path
@@ -112,11 +113,11 @@ STACK_ENV = {
 @contextlib.contextmanager
 def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None = None, password: str | None = None,
                   threads: int = 400):  # fmt: skip
-    """Valkey (append-only, restartable on its port) + one worker + the web tier, in ``root``.
+    """Valkey (append-only, restartable on its port) + one worker + the webhook worker + the web tier, in ``root``.
 
     With ``password``, every process connects as an ACL user ``framepack`` with it (the
     default user stays open for the embedded server's own readiness check)."""
-    from stack import Proc, Valkey, free_port, stack_env, wait_http, web_command, worker_command
+    from stack import Proc, Valkey, free_port, stack_env, wait_http, web_command, webhook_worker_command, worker_command
 
     config = {"user": f"framepack on >{password} ~* &* +@all"} if password else {}
     auth = f"framepack:{password}@" if password else ""
@@ -131,11 +132,37 @@ def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None =
         live = LiveStack(f"http://127.0.0.1:{port}", redis_url, root, env, valkey)
         stack.callback(lambda: live.valkey.__exit__(None, None, None))  # the one running now
         stack.enter_context(Proc(worker_command(), env, root / "worker.log", echo=False, name="worker"))
+        stack.enter_context(Proc(webhook_worker_command(), env, root / "webhooks.log", echo=False, name="webhooks"))
         web = stack.enter_context(Proc(web_command(port, threads=threads), env, root / "web.log", echo=False,
                                        name="web"))  # fmt: skip
         wait_http(live.base + "/readyz", 180, proc=web)
         print(f"\nstack: {live.base} (logs in {root})")
         yield live
+
+
+#: Three API tokens (two users and an admin) and a webhook secret, for the tests of real users.
+ANN, BOB, ADMIN = "ann-token-0123456789", "bob-token-0123456789", "root-token-0123456789"
+TOKENS = f"ann:{ANN},bob:{BOB}:user,root:{ADMIN}:admin"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"framepack-test-secret-32-bytes!!").decode()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="session")
+def secured(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
+    """A stack with :data:`TOKENS`, a queued-jobs limit of 2 per token and webhooks allowed to
+    ``http://127.0.0.1:<secured.hook_port>/hook`` (free when the stack starts, for a test's receiver)."""
+    from stack import free_port
+
+    hook_port = free_port()
+    env = {"FRAMEPACK_API_TOKENS": TOKENS, "FRAMEPACK_MAX_QUEUED_PER_TOKEN": "2",
+           "FRAMEPACK_WEBHOOK_ALLOW": f"http://127.0.0.1:{hook_port}/hook", "FRAMEPACK_WEBHOOK_SECRET": WEBHOOK_SECRET,
+           "FRAMEPACK_WEBHOOK_BACKOFF": "0.5"}  # fmt: skip
+    with running_stack(tmp_path_factory.mktemp("secured"), tiny_dir, env) as stack:
+        stack.hook_port = hook_port
+        yield stack
 
 
 @pytest.fixture(scope="session")

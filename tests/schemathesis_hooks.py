@@ -1,8 +1,9 @@
 """Schemathesis hooks (``SCHEMATHESIS_HOOKS=tests.schemathesis_hooks``) for the API fuzz run.
 
 A schema cannot say "a decodable image at least 16 px a side": submissions that are valid
-by the schema get a real 32x32 PNG, and F1 submissions (which refuse an end image, a rule
-the multipart schema cannot carry) drop it."""
+by the schema get a real 32x32 PNG, F1 submissions (which refuse an end image, a rule the
+multipart schema cannot carry) drop it, and so do submissions with ``webhook_events`` but no
+``webhook``."""
 
 from __future__ import annotations
 
@@ -33,8 +34,15 @@ def map_case(ctx, case):
         if multipart and isinstance(case.body.get("images"), list):  # a batch of uploads
             case.body["images"] = [PNG for _ in case.body["images"]]
         if isinstance(case.body.get("jobs"), list):  # a batch of job specs
-            forward = (case.body.get("defaults") or {}).get("model") == "framepack-f1"
+            defaults = case.body.get("defaults") if isinstance(case.body.get("defaults"), dict) else {}
+            forward = defaults.get("model") == "framepack-f1"
             for job in case.body["jobs"]:
                 if isinstance(job, dict):
                     _fix(job, False, forward)
+                    if "webhook" not in job and "webhook" not in defaults:  # an entry is defaults + its fields
+                        job.pop("webhook_events", None)
+            if "webhook" not in defaults and any(isinstance(j, dict) and "webhook" not in j for j in case.body["jobs"]):
+                defaults.pop("webhook_events", None)
+        if "webhook" not in case.body:  # webhook_events needs a webhook (a rule multipart cannot carry)
+            case.body.pop("webhook_events", None)
     return case

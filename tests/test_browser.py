@@ -196,3 +196,50 @@ def test_several_images_make_a_batch_with_a_lora_and_its_page_follows_it(live, b
     finally:
         page.close()
         lora.unlink()
+
+
+def test_a_token_is_asked_for_kept_for_the_session_and_used_everywhere(secured, browser, image_file, artifacts):
+    from playwright.sync_api import expect
+
+    from .conftest import ANN
+
+    page = browser.new_page(viewport={"width": 1100, "height": 1000})
+    page.goto(secured.base + "/")
+    expect(page.locator("#token-view")).to_be_visible()
+    page.screenshot(path=artifacts / "token-asked.png", full_page=True)
+    page.fill("#token-input", "not-a-token")
+    page.click("#token-btn")
+    expect(page.locator("#token-error")).to_contain_text("refused")
+    page.fill("#token-input", ANN)
+    page.click("#token-btn")
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("#who-name")).to_have_text("ann (user)")
+
+    _fill_job(page, image_file, "2", "4")
+    page.click("#submit-btn")  # fetch with the Bearer header
+    page.wait_for_url(re.compile(r".*/jobs/[^/]+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#final")).to_be_visible(timeout=LONG)  # the WebSocket, with an access ticket
+    duration = page.wait_for_function(
+        """() => { const v = document.querySelector('#final-video');
+                   return v.readyState >= 1 && v.duration > 0 ? v.duration : null; }""",
+        timeout=LONG,
+    ).json_value()  # the <video src>, with an access ticket
+    assert duration == pytest.approx(73 / 30, abs=0.1)
+    thumb = page.locator(f"#queue li[data-job-id='{job_id}'] img")
+    expect(thumb).to_be_visible(timeout=LONG)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle(), timeout=LONG)
+
+    page.reload()  # the token is kept for the session: no second prompt
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("#token-view")).to_be_hidden()
+    expect(page.locator("#job-state")).to_contain_text("succeeded")
+    page.screenshot(path=artifacts / "token-job.png", full_page=True)
+
+    other = browser.new_page()  # another tab: its own session, so it asks again
+    other.goto(secured.base + "/")
+    expect(other.locator("#token-view")).to_be_visible()
+    other.close()
+    page.click("#sign-out")
+    expect(page.locator("#token-view")).to_be_visible()
+    page.close()

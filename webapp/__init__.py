@@ -1,7 +1,9 @@
 """HTTP and WebSocket tier (never imports torch).
 
 ``create_app()`` is the factory gunicorn runs (``webapp:create_app()``); tests build apps
-with their own :class:`tasks.settings.Settings` (``config={"SETTINGS": ...}``).
+with their own :class:`tasks.settings.Settings` (``config={"SETTINGS": ...}``).  Every route
+but the page, ``/healthz`` and ``/readyz`` needs an API token once ``FRAMEPACK_API_TOKENS``
+is set (:mod:`webapp.auth`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flask_swagger_ui import get_swaggerui_blueprint
 from diffusers_helper import lora_files
 from tasks import settings as settings_module
 
-from . import api, compat, errors, openapi, ws
+from . import api, auth, compat, errors, openapi, ws
 from .service import Service
 
 log = logging.getLogger("framepack.web")
@@ -53,6 +55,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         service.start_sweeper()
 
     errors.init_app(app)
+    toks = auth.init_app(app, s.api_tokens)
     app.register_blueprint(api.bp)
     app.register_blueprint(compat.bp)
     ws.init_app(app)
@@ -81,7 +84,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.get("/openapi.json")  # where the original API's clients look for it
     def openapi_json() -> Response:
         names = tuple(entry["name"] for entry in lora_files.list_loras(s.lora_dir))
-        return jsonify(openapi.document(names))
+        return jsonify(openapi.document(toks.required, s.webhook_allow, names))
 
     # /docs: an interactive page for the document, its files served from the package (no CDN)
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "framepack-celery"}))

@@ -1,8 +1,15 @@
 """REST API: ``/api/jobs`` and friends.  Views only translate HTTP to :class:`Service` calls;
-errors are raised as :class:`webapp.errors.ApiError` and rendered by one handler."""
+errors are raised as :class:`webapp.errors.ApiError` and rendered by one handler.
+
+Who may do what: the caller (:func:`webapp.auth.principal`) sees, watches, cancels and
+deletes only its own jobs unless it is an admin (another's job is 404, as if it did not
+exist, so ids do not leak); its submissions are held to its role's limits and its queue
+limit, all checked before anything is stored."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +18,11 @@ from pydantic import ValidationError
 
 from diffusers_helper import lora_files
 from diffusers_helper.params import ExtendParams, JobParams
+from tasks.lifecycle import QueueFull
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState
+from tasks.webhooks import WebhookRefused, WebhookSpec, check_url
 
+from .auth import Principal, principal, tokens
 from .errors import ApiError, from_image, from_validation, not_found
 from .service import Service
 from .uploads import ImageError, decode_base64, normalise
@@ -22,18 +32,64 @@ bp = Blueprint("api", __name__)
 #: Paging bounds of GET /api/jobs.
 MAX_LIMIT = 200
 MAX_OFFSET = 2**31 - 1
+#: Retry-After (seconds) of a submit refused by a queue limit: about when a place may free up.
+QUEUE_RETRY_AFTER = 30
+#: Submission fields beside the FramePack parameters (:class:`tasks.webhooks.WebhookSpec`).
+WEBHOOK_FIELDS = tuple(WebhookSpec.model_fields)
 
 
 def service() -> Service:
     return current_app.extensions["framepack"]
 
 
-def parse_submission(fields: dict[str, Any], files: dict[str, bytes],
-                     lora_dir: Path | None = None) -> tuple[JobParams, bytes, bytes | None]:  # fmt: skip
-    """Form/JSON fields + image bytes -> validated params and normalised images.
+def visible_owner(who: Principal | None = None) -> str | None:
+    """The owner whose jobs a listing shows the caller: its own, or None (all) for admins."""
+    who = who or principal()
+    return None if who.admin else who.name
 
-    Raises :class:`ImageError`, pydantic's ``ValidationError`` or :class:`ApiError` (a LoRA
-    the directory does not have); nothing is stored.
+
+def parse_webhook(fields: dict[str, Any]) -> dict[str, Any] | None:
+    """Pop ``webhook`` and ``webhook_events`` off the fields: the job record's ``webhook``
+    value, or None.  ``webhook_events`` may be a list, repeated form fields or one
+    comma-separated string.  400 naming ``webhook`` for a URL this server will not call."""
+    url = fields.pop("webhook", None)
+    events = fields.pop("webhook_events", None)
+    if isinstance(events, str):
+        events = [e.strip() for e in events.split(",") if e.strip()]
+    if url in (None, ""):
+        if events:
+            raise ApiError(400, "webhook_events: needs a webhook URL", "webhook_events")
+        return None
+    try:
+        spec = WebhookSpec.model_validate({"webhook": url, **({"webhook_events": events} if events else {})})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err.get("loc") else "webhook"
+        raise ApiError(422, f"{field}: {err['msg']}", field) from None
+    try:
+        check_url(spec.webhook, service().settings.webhook_allow)
+    except WebhookRefused as exc:
+        raise ApiError(400, exc.message, exc.field) from None
+    return spec.stored()
+
+
+def check_role_limits(params: JobParams, who: Principal) -> None:
+    """The caller's role's limits on one job (``FRAMEPACK_<ROLE>_MAX_SECONDS`` / ``_STEPS``)."""
+    max_seconds, max_steps = service().settings.job_limits(who.role)
+    where = f"for {'an' if who.admin else 'a'} {who.role} token" if who.authenticated else "on this server"
+    if params.total_second_length > max_seconds:
+        raise ApiError(422, f"total_second_length: at most {max_seconds:g} seconds {where}", "total_second_length")
+    if params.steps > max_steps:
+        raise ApiError(422, f"steps: at most {max_steps} steps {where}", "steps")
+
+
+def parse_submission(fields: dict[str, Any], files: dict[str, bytes], lora_dir: Path | None = None
+                     ) -> tuple[JobParams, bytes, bytes | None, dict[str, Any] | None]:  # fmt: skip
+    """Form/JSON fields + image bytes -> validated params, normalised images and the
+    webhook (or None).
+
+    Raises :class:`ImageError`, :class:`ApiError` (a webhook refused, a role limit, a LoRA
+    the directory does not have) or pydantic's ``ValidationError``; nothing is stored.
     """
     if "image" not in files:
         raise ImageError("image", "an input image is required", status=400)
@@ -43,7 +99,9 @@ def parse_submission(fields: dict[str, Any], files: dict[str, bytes],
     fields.pop("end_image", None)
     if has_end:
         fields["end_image"] = "upload"
+    webhook = parse_webhook(fields)
     params = JobParams.model_validate(fields)  # field errors before image work
+    check_role_limits(params, principal())
     for i, spec in enumerate(params.loras):
         try:
             lora_files.resolve(lora_dir, spec.name)
@@ -51,7 +109,7 @@ def parse_submission(fields: dict[str, Any], files: dict[str, bytes],
             raise ApiError(422, f"loras.{i}.name: {exc}", f"loras.{i}.name") from None
     image = normalise("image", files["image"])
     end = normalise("end_image", files["end_image"]) if has_end else None
-    return params, image, end
+    return params, image, end, webhook
 
 
 def form_loras(values: list[str]) -> list[dict[str, Any]]:
@@ -64,6 +122,16 @@ def form_loras(values: list[str]) -> list[dict[str, Any]]:
         except ValueError:
             raise ApiError(422, f"loras.{i}.weight: {weight!r} is not a number", f"loras.{i}.weight") from None
     return out
+
+
+def form_fields() -> dict[str, Any]:
+    """A form's fields, with the repeated ones (LoRAs, webhook events) gathered."""
+    fields: dict[str, Any] = request.form.to_dict()
+    if "loras" in request.form:
+        fields["loras"] = form_loras(request.form.getlist("loras"))
+    if "webhook_events" in request.form:  # repeated fields, each maybe comma-separated
+        fields["webhook_events"] = ",".join(request.form.getlist("webhook_events"))
+    return fields
 
 
 def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -80,19 +148,28 @@ def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
                 raise ImageError(name, "must be a base64 string or a data URL")
             files[name] = decode_base64(name, value)
         return body, files
-    fields: dict[str, Any] = request.form.to_dict()
-    if "loras" in request.form:
-        fields["loras"] = form_loras(request.form.getlist("loras"))
     files = {name: f.read() for name, f in request.files.items() if name in ("image", "end_image")}
-    return fields, files
+    return form_fields(), files
 
 
 def submit_from_request() -> dict[str, Any]:
     """Shared by ``POST /api/jobs`` and the legacy ``POST /generate``."""
     fields, files = read_request()
-    params, image, end = parse_submission(fields, files, service().settings.lora_dir)
+    params, image, end, webhook = parse_submission(fields, files, service().settings.lora_dir)
+    with queue_errors():
+        return service().submit(params, image, end, owner=principal().owner, webhook=webhook)
+
+
+@contextlib.contextmanager
+def queue_errors() -> Iterator[None]:
+    """A queue limit is 429 (the caller's) or 503 (everyone's); a broker down is 503."""
     try:
-        return service().submit(params, image, end)
+        yield
+    except QueueFull as exc:
+        status = 429 if exc.scope == "token" else 503
+        raise ApiError(status, str(exc), "queue", headers={"Retry-After": str(QUEUE_RETRY_AFTER)}) from None
+    except ApiError:
+        raise
     except Exception as exc:  # noqa: BLE001 — the broker is down: say so, store nothing
         current_app.logger.exception("dispatch failed")
         raise ApiError(503, f"could not queue the job: {exc}", headers={"Retry-After": "5"}) from None
@@ -124,14 +201,22 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 def list_jobs() -> Response:
     limit = _int_arg("limit", 20, 1, MAX_LIMIT)
     offset = _int_arg("offset", 0, 0, MAX_OFFSET)
-    jobs, total = service().list_page(offset, limit)
-    nxt = f"/api/jobs?offset={offset + limit}&limit={limit}" if offset + limit < total else None
+    owner = visible_owner()
+    wanted = request.args.get("owner")
+    if wanted is not None:
+        if owner is not None and wanted != owner:
+            raise ApiError(403, "owner: a user token lists its own jobs only", "owner")
+        owner = wanted
+    jobs, total = service().list_page(offset, limit, owner)
+    query = f"&owner={wanted}" if wanted is not None else ""
+    nxt = f"/api/jobs?offset={offset + limit}&limit={limit}{query}" if offset + limit < total else None
     return jsonify({"jobs": jobs, "total": total, "offset": offset, "limit": limit, "next": nxt})
 
 
 def view_or_404(job_id: str) -> dict[str, Any]:
+    """The job's snapshot, if it exists and the caller may see it (else 404 either way)."""
     view = service().view(job_id)
-    if view is None:
+    if view is None or not principal().may_see(view.get("owner")):
         raise not_found()
     return view
 
@@ -164,7 +249,10 @@ def extend_job(job_id: str) -> Response:
     if not service().checkpoint_path(job_id).is_file():
         raise ApiError(409, "state: this job has no section checkpoint to continue from (made before checkpoints, "
                             "or its files expired)", "state")  # fmt: skip
-    new = service().extend(job_id, view, ext)
+    params = service().extension_params(view, ext)
+    check_role_limits(params, principal())
+    with queue_errors():
+        new = service().extend(job_id, params, owner=principal().owner)
     resp = jsonify(new)
     resp.status_code = 202
     resp.headers["Location"] = new["links"]["self"]
@@ -252,9 +340,7 @@ def _batch_entries() -> tuple[list[tuple[dict[str, Any], dict[str, bytes]]], int
             entries.append((fields, files))
         return entries, len(body["jobs"])
     images = request.files.getlist("images")
-    shared: dict[str, Any] = request.form.to_dict()
-    if "loras" in request.form:
-        shared["loras"] = form_loras(request.form.getlist("loras"))
+    shared = form_fields()
     return [(dict(shared), {"image": f.read()}) for f in images], len(images)
 
 
@@ -270,7 +356,8 @@ def create_batch() -> Response:
     valid, errors = [], []
     for index, (fields, files) in enumerate(entries):
         try:
-            valid.append(parse_submission(fields, files, lora_dir))
+            params, image, end, webhook = parse_submission(fields, files, lora_dir)
+            valid.append((index, params, image, end, webhook))
         except ValidationError as exc:
             err = from_validation(exc)
             errors.append({"index": index, "field": err.field, "message": err.errors[0]["message"]})
@@ -281,11 +368,8 @@ def create_batch() -> Response:
     if not valid:
         named = [{"field": f"jobs.{e['index']}.{e['field']}", "message": e["message"]} for e in errors]
         raise ApiError(422, "; ".join(f"{e['field']}: {e['message']}" for e in named), named[0]["field"], named)
-    try:
-        view = service().submit_batch(valid, errors)
-    except Exception as exc:  # noqa: BLE001 — the broker is down
-        current_app.logger.exception("batch dispatch failed")
-        raise ApiError(503, f"could not queue the batch: {exc}", headers={"Retry-After": "5"}) from None
+    with queue_errors():
+        view = service().submit_batch(valid, errors, owner=principal().owner)
     resp = jsonify(view)
     resp.status_code = 202
     resp.headers["Location"] = view["links"]["self"]
@@ -293,8 +377,9 @@ def create_batch() -> Response:
 
 
 def batch_or_404(batch_id: str) -> dict[str, Any]:
+    """The batch, if it exists and the caller may see it (else 404 either way)."""
     view = service().batch_view(batch_id)
-    if view is None:
+    if view is None or not principal().may_see(view.get("owner")):
         raise not_found("batch", "batch_id")
     return view
 
@@ -318,13 +403,35 @@ def loras() -> Response:
     return jsonify({"loras": lora_files.list_loras(service().settings.lora_dir)})
 
 
+@bp.post("/api/access")
+def access() -> Response:
+    """A short-lived, read-only access ticket for URLs a browser cannot add a header to
+    (WebSocket, EventSource, ``<video src>``): append ``?access=<ticket>``."""
+    who, toks = principal(), tokens()
+    ttl = service().settings.access_ttl
+    if not toks.required:
+        return jsonify({"access": None, "expires_at": None, "ttl": None, "name": who.name, "role": who.role})
+    ticket, expires = toks.ticket(who, ttl)
+    return jsonify({"access": ticket, "expires_at": expires, "ttl": ttl, "name": who.name, "role": who.role})
+
+
 @bp.get("/api/info")
 def info() -> Response:
+    """Profiles, the caller and the limits for everyone; workers, hub and settings for admins."""
     svc = service()
+    who = principal()
     workers = svc.workers()
     profiles = sorted({(w.get("profile") or {}).get("name", "?") for w in workers})
     noise = any((w.get("profile") or {}).get("is_noise") for w in workers)
-    hub = svc.hub
-    return jsonify({"workers": workers, "profiles": profiles, "is_noise": noise,
-                    "hub": {**hub.stats, "channels": hub.channels},
-                    "settings": svc.settings.public()})  # fmt: skip
+    s = svc.settings
+    max_seconds, max_steps = s.job_limits(who.role)
+    body = {"profiles": profiles, "is_noise": noise,
+            "auth": {"required": tokens().required, "name": who.name, "role": who.role},
+            "limits": {"max_seconds": max_seconds, "max_steps": max_steps,
+                       "max_queued": s.max_queued_per_token if tokens().required else None,
+                       "max_queue": s.max_queue or None, "max_upload_bytes": s.max_upload_bytes,
+                       "webhooks": bool(s.webhook_allow)}}  # fmt: skip
+    if who.admin:
+        hub = svc.hub
+        body.update(workers=workers, hub={**hub.stats, "channels": hub.channels}, settings=s.public())
+    return jsonify(body)

@@ -9,7 +9,10 @@ and the shapes below.  Our own API (``/api/...``) keeps its stricter validation;
 differences that remain are listed in ``docs/protocol.md`` ("The original API").
 
 Everything reads the same job snapshots as the rest of the web tier; the event streams are
-fed by the same hub as the WebSockets.
+fed by the same hub as the WebSockets.  With API tokens (``webapp.auth``) these routes need
+one like the rest (an ``EventSource``: ``?access=``); a caller sees only its own jobs
+(another's is "Job not found"), ``/queue``, ``/videos`` and ``/cleanup_jobs`` included; its
+role's limits on seconds and steps are ranges like the others (clamped, under ``adjusted``).
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from diffusers_helper import lora_files
 from diffusers_helper.params import MAX_SEED, JobParams
+from tasks.lifecycle import QueueFull
 from tasks.protocol import TERMINAL, JobState, Keys
 
+from .api import QUEUE_RETRY_AFTER, parse_webhook, visible_owner
+from .auth import principal
+from .errors import ApiError
 from .service import Service
 from .uploads import ImageError, normalise
 
@@ -43,15 +50,16 @@ def service() -> Service:
 class LegacyError(Exception):
     """An error in FastAPI's shape: ``{"detail": ...}`` with the status FastAPI would use."""
 
-    def __init__(self, status: int, detail: Any):
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None):
         super().__init__(str(detail))
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.headers = status, detail, headers or {}
 
 
 @bp.errorhandler(LegacyError)
 def _legacy_error(exc: LegacyError) -> Response:
     resp = jsonify({"detail": exc.detail})
     resp.status_code = exc.status
+    resp.headers.update(exc.headers)
     return resp
 
 
@@ -109,7 +117,10 @@ def _to_params(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[s
     params: dict[str, Any] = {"prompt": values["prompt"], "use_teacache": values["use_teacache"],
                               "model": MODES[values["sampling_mode"]]}  # fmt: skip
     adjusted: dict[str, dict[str, Any]] = {}
+    max_seconds, max_steps = service().settings.job_limits(principal().role)  # the caller's role's limits
+    role = {"video_length": max_seconds, "steps": max_steps}
     for name, (ours, low, high) in RANGES.items():
+        high = min(high, role.get(name, high))
         value = values[name]
         used = FORM[name][1] if value != value else min(max(value, low), high)  # NaN: the fork's default
         if name == "mp4_crf":
@@ -144,7 +155,15 @@ def generate() -> Response:
     except ImageError as exc:
         raise LegacyError(400, f"Failed to read or process uploaded image: {exc.message}") from None
     try:
-        job = service().submit(JobParams.model_validate(params), image, None)
+        webhook = parse_webhook({k: request.form.get(k) for k in ("webhook", "webhook_events") if k in request.form})
+    except ApiError as exc:
+        raise LegacyError(exc.status, exc.message) from None
+    try:
+        job = service().submit(JobParams.model_validate(params), image, None, owner=principal().owner,
+                               webhook=webhook)  # fmt: skip
+    except QueueFull as exc:
+        raise LegacyError(429 if exc.scope == "token" else 503, str(exc),
+                          {"Retry-After": str(QUEUE_RETRY_AFTER)}) from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001 — the broker is down
         raise LegacyError(500, f"Failed to add job to queue: {exc}") from None
     body: dict[str, Any] = {"job_id": job["id"], "message": "Video generation job added to queue."}
@@ -155,7 +174,9 @@ def generate() -> Response:
 
 # -- reading jobs --------------------------------------------------------------------------
 def _view(job_id: str) -> dict[str, Any] | None:
-    return service().view(job_id)
+    """The job's snapshot, if it exists and the caller may see it (another's job is "not found")."""
+    view = service().view(job_id)
+    return view if view is not None and principal().may_see(view.get("owner")) else None
 
 
 def legacy_word(view: dict[str, Any]) -> str:
@@ -267,7 +288,7 @@ QUEUE_LISTED = 100
 
 @bp.get("/queue")
 def queue() -> Response:
-    jobs, _ = service().list_page(0, QUEUE_LISTED)
+    jobs, _ = service().list_page(0, QUEUE_LISTED, visible_owner())
     rows = []
     for summary in reversed(jobs):  # oldest first, as the fork's queue file
         view = _view(summary["id"])
@@ -283,7 +304,7 @@ def queue() -> Response:
 @bp.get("/worker/status")
 def worker_status() -> Response:
     workers = service().workers()
-    running = service().running_ids()
+    running = service().running_ids(visible_owner())
     return jsonify({"is_running": any(w.get("ready") for w in workers),
                     "processing_job_id": running[0] if running else None})  # fmt: skip
 
@@ -296,7 +317,7 @@ def loras() -> Response:
 @bp.post("/cleanup_jobs")
 def cleanup_jobs() -> Response:
     """Forget finished jobs beyond the newest ``FRAMEPACK_MAX_COMPLETED_JOBS`` (the fork's rule)."""
-    removed = service().cleanup_finished(service().settings.max_completed_jobs)
+    removed = service().cleanup_finished(service().settings.max_completed_jobs, visible_owner())
     return jsonify({"message": f"Cleanup process completed. Removed {removed} old job entries."})
 
 
@@ -304,7 +325,7 @@ def cleanup_jobs() -> Response:
 @bp.get("/videos")
 def videos() -> Response:
     names = []
-    for job_id in service().succeeded_ids():
+    for job_id in service().succeeded_ids(visible_owner()):
         if _video_path(job_id) is not None:
             names.append(f"{job_id}.mp4")
     return jsonify(sorted(names))
@@ -342,6 +363,7 @@ KEEP_ALIVE = 8.0
 def video_stream() -> Response:
     """The name of every video that appears (``data: <job_id>.mp4``), as the fork's watcher sends."""
     svc = service()
+    who = principal()
 
     def events() -> Iterator[str]:
         outbox = svc.hub.new_outbox()
@@ -351,7 +373,8 @@ def video_stream() -> Response:
                 item = outbox.get(timeout=KEEP_ALIVE)
                 if item is None:
                     yield ": keep-alive\n\n"
-                elif item.data.get("event") == "finished" and item.data.get("state") == JobState.SUCCEEDED.value:
+                elif (item.data.get("event") == "finished" and item.data.get("state") == JobState.SUCCEEDED.value
+                      and who.may_see(item.data.get("owner"))):  # fmt: skip
                     yield _sse(None, f"{item.data['job_id']}.mp4")
         finally:
             svc.hub.unwatch(Keys.EVENTS, outbox)
@@ -366,7 +389,7 @@ def stream(job_id: str) -> Response:
     svc = service()
 
     def events() -> Iterator[str]:
-        if svc.view(job_id) is None:
+        if _view(job_id) is None:
             yield _sse("status", {"status": "error", "message": "Job not found or cleaned up."})
             return
         outbox = svc.hub.new_outbox()

@@ -50,6 +50,14 @@ class ApiError(Exception):
         self.errors = errors
         self.headers = headers or {}
 
+    def renamed(self, rename: dict[str, str]) -> ApiError:
+        """The same error naming its field as a caller knows it (the original API's names)."""
+        if self.field not in rename:
+            return self
+        field = rename[self.field]
+        message = self.message.replace(f"{self.field}: ", f"{field}: ", 1)
+        return ApiError(self.status, message, field, headers=self.headers)
+
 
 def not_found(what: str = "job", field: str = "job_id") -> ApiError:
     return ApiError(404, f"unknown {what}", field)

@@ -72,9 +72,14 @@ class Outbox:
     (a slow or stalled reader) waits here for the socket's own thread, and while it waits a
     newer preview replaces the pending ones (latest wins); progress, section and final
     messages are kept.  Without a socket (SSE) everything waits here for :meth:`get`.
+
+    ``accept`` filters what this watcher may see (the all-jobs feed shows a user only its
+    own jobs); it runs on the producer's thread, so it must be quick.
     """
 
-    def __init__(self, limit: int = 2000, stats: dict[str, int] | None = None):
+    def __init__(self, limit: int = 2000, stats: dict[str, int] | None = None,
+                 accept: Callable[[Item], bool] | None = None):  # fmt: skip
+        self.accept = accept
         self._items: deque[Item] = deque()
         self.stats = stats if stats is not None else {}
         self._cond = threading.Condition()
@@ -94,6 +99,8 @@ class Outbox:
 
         The producer wakes threads only after it has offered a message to every watcher,
         so hundreds of waking threads never slow the direct writes to the rest."""
+        if self.accept is not None and not self.accept(item):
+            return False
         with self._cond:
             if self._sock is not None and not (self._items or self._partial or self.dead):
                 if item.seq and item.seq <= self.sent_seq:
@@ -256,8 +263,8 @@ class JobHub:
         self.stats = {"messages": 0, "polls": 0, "delivered": 0, "dropped_previews": 0, "overflowed": 0}
 
     # -- watchers ---------------------------------------------------------------------
-    def new_outbox(self) -> Outbox:
-        return Outbox(stats=self.stats)
+    def new_outbox(self, accept: Callable[[Item], bool] | None = None) -> Outbox:
+        return Outbox(stats=self.stats, accept=accept)
 
     def watch(self, channel: str, outbox: Outbox, timeout: float = 5.0) -> bool:
         """Add a watcher; returns once Redis has confirmed the subscription, so a snapshot

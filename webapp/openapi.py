@@ -4,6 +4,11 @@ Parameters come from :class:`diffusers_helper.params.JobParams`, job snapshots a
 rows from :mod:`tasks.snapshot`, error bodies from :class:`webapp.errors.ErrorBody`:
 nothing here is a second copy of a schema.  ``schemathesis`` checks replies against it
 (``tests/test_openapi.py``).
+
+The document describes the server as configured: with API tokens it declares the bearer
+token and the access ticket as security schemes (the probes excepted) and the 401 replies;
+with webhooks allowed, ``webhook`` is a URL that must start with an allowed prefix (a
+pattern built from ``FRAMEPACK_WEBHOOK_ALLOW``).
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ from __future__ import annotations
 import functools
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
 from diffusers_helper.params import ExtendParams, JobParams
 from tasks.snapshot import BatchView, JobList, JobView
+from tasks.webhooks import WebhookSpec
 
 from .errors import ErrorBody
 
@@ -67,6 +74,48 @@ def _links(job_id: str) -> dict[str, Any]:
     return {f"to_{op}": {"operationId": op, "parameters": {"job_id": job_id}} for op in JOB_OPERATIONS}
 
 
+#: Reachable without a token (``webapp.auth.OPEN_ENDPOINTS``).
+OPEN_PATHS = ("/healthz", "/readyz")
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "An API token (FRAMEPACK_API_TOKENS)"},
+    "access": {"type": "apiKey", "in": "query", "name": "access",
+               "description": "A short-lived read-only ticket from POST /api/access (GET requests only)"},
+}  # fmt: skip
+#: ``webhook_events`` only with a ``webhook`` (JSON bodies; like F1_NO_END, the multipart
+#: schemas cannot carry the rule: schemathesis' coverage phase fails on conditionals next to
+#: binary fields).
+EVENTS_NEED_WEBHOOK = {"anyOf": [{"required": ["webhook"]}, {"not": {"required": ["webhook_events"]}}]}
+
+
+def _webhook_props(allow: tuple[str, ...]) -> dict[str, Any]:
+    """``webhook`` and ``webhook_events`` as this server accepts them (none without prefixes)."""
+    if not allow:
+        return {}
+    props = WebhookSpec.model_json_schema()["properties"]
+    prefixes = []
+    for prefix in allow:
+        parts = urlsplit(prefix)
+        prefixes.append(re.escape(prefix if parts.path else prefix + "/"))
+    url = {**props["webhook"], "type": "string", "pattern": f"^(?:{'|'.join(prefixes)})"}
+    events = {k: v for k, v in props["webhook_events"].items() if k != "default"}
+    return {"webhook": url, "webhook_events": events}
+
+
+def _secure(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every operation but the probes needs the bearer token (reads: or an access ticket)."""
+    unauthorized = {**_json(_ref("Error"), "No API token, or an unknown or expired one"),
+                    "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}}  # fmt: skip
+    doc["components"]["securitySchemes"] = SECURITY_SCHEMES
+    for path, methods in doc["paths"].items():
+        for method, operation in methods.items():
+            if path in OPEN_PATHS:
+                operation["security"] = []
+                continue
+            operation["security"] = [{"bearer": []}, {"access": []}] if method == "get" else [{"bearer": []}]
+            operation["responses"]["401"] = unauthorized
+    return doc
+
+
 def _with_operation_ids(doc: dict[str, Any]) -> dict[str, Any]:
     by_route = {route: op for op, route in JOB_OPERATIONS.items()}
     for path, methods in doc["paths"].items():
@@ -92,7 +141,8 @@ def _lora_fields(names: tuple[str, ...], params: dict[str, Any]) -> tuple[dict[s
 
 
 @functools.cache
-def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
+def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
+             lora_names: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
     defs: dict[str, Any] = {}
     schemas = {
         "JobParams": _schema(JobParams, defs),
@@ -105,8 +155,10 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
             {"type": "string"}, {"type": "array", "items": {"type": "object", "required": ["loc", "msg", "type"]}}]}}},
     }
     params = schemas["JobParams"]
+    hooks = _webhook_props(webhook_allow)
+    needs_hook = EVENTS_NEED_WEBHOOK if hooks else {}
     lora_json, lora_form = _lora_fields(lora_names, params)
-    submit_props = {k: v for k, v in params["properties"].items() if k != "end_image"} | {"loras": lora_json}
+    submit_props = {k: v for k, v in params["properties"].items() if k != "end_image"} | {"loras": lora_json} | hooks
     # a form field carries no objects: LoRAs as NAME:WEIGHT, timestamped prompts in the prompt text
     form_props = {k: _form_field(v) for k, v in submit_props.items() if k != "prompts"} | {"loras": lora_form}
     # The original API's form, as its FastAPI server declares it: types, defaults, no bounds
@@ -120,22 +172,26 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
         "mp4_crf": {**number, "default": 16.0}, "lora_scale": {**number, "default": 1.0},
         "lora_path": {"type": "string", "enum": ["", *lora_names], "default": "",
                       "description": "A LoRA of our directory by file name (a path works: its file name counts)"},
-        "sampling_mode": LEGACY_MODE,
+        "sampling_mode": LEGACY_MODE, **{k: form_props[k] for k in hooks},
     }  # fmt: skip
     binary = {"type": "string", "format": "binary"}
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     err = _json(_ref("Error"), "Error naming the field")
     legacy_err = _json(_ref("LegacyError"), "FastAPI's error: {detail: text, or [{loc, msg, type}]}")
     not_found = _json(_ref("Error"), "Unknown job (or no such file yet)")
-    unavailable = _json(_ref("Error"), "Redis or the broker is unavailable; retry (see Retry-After)")
+    unavailable = _json(_ref("Error"), "Redis or the broker is unavailable, or the queue is full; retry "
+                        "(see Retry-After)")
+    retry_after = {"Retry-After": {"schema": {"type": "string"}}}
+    too_many = {**_json(_ref("Error"), "This token has its limit of queued jobs already; retry (see Retry-After)"),
+                "headers": retry_after}  # fmt: skip
     job = _json(_ref("Job"), "The job's snapshot")
     mp4 = {"description": "video/mp4 (supports HTTP Range)", "content": {"video/mp4": {"schema": binary}}}
     common = {"503": unavailable}
 
     def responses(**codes: Any) -> dict[str, Any]:
-        return {**{k.lstrip("_"): v for k, v in codes.items()}, **common}
+        return {**common, **{k.lstrip("_"): v for k, v in codes.items()}}
 
-    return _with_operation_ids({
+    doc = _with_operation_ids({
         "openapi": "3.1.0",
         "info": {
             "title": "framepack-celery",
@@ -154,25 +210,35 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
                                 "additionalProperties": False,
                                 "properties": {"image": binary, "end_image": binary, **form_props}}},
                             "application/json": {"schema": {"type": "object", "required": ["image"],
-                                "additionalProperties": False, **F1_NO_END,
+                                "additionalProperties": False, **F1_NO_END, **({"allOf": [needs_hook]} if hooks else {}),
                                 "properties": {"image": {"type": "string", "minLength": 1,
                                                          "description": "base64 or a data URL"},
                                                "end_image": {"type": "string", "minLength": 1}, **submit_props}}},
                         },
                     },  # fmt: skip
                     "responses": responses(_202={**job, "links": _links("$response.body#/id")}, _400=err, _413=err,
-                                           _415=err, _422=err),
+                                           _415=err, _422=err, _429=too_many),
                 },
                 "get": {
-                    "summary": "List jobs, newest first",
+                    "summary": "List jobs, newest first (a user token: its own)",
                     "parameters": [
                         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0,
                                                                       "maximum": 2**31 - 1}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+                        {"name": "owner", "in": "query", "schema": {"type": "string"},
+                         "description": "Only this token's jobs (a user token may name only itself)"},
                     ],  # fmt: skip
-                    "responses": responses(_200=_json(_ref("JobList"), "A page of job summaries"), _400=err),
+                    "responses": responses(_200=_json(_ref("JobList"), "A page of job summaries"), _400=err,
+                                           _403=_json(_ref("Error"), "A user token asked for another's jobs")),
                 },
             },
+            "/api/access": {"post": {"summary": "A short-lived read-only access ticket for ?access= (browsers' "
+                                                "WebSocket, EventSource and <video> URLs, which cannot carry a header)",
+                "responses": responses(_200=_json({"type": "object", "required": ["access", "expires_at"],
+                    "properties": {"access": {"type": ["string", "null"]}, "expires_at": {"type": ["integer", "null"]},
+                                   "ttl": {"type": ["integer", "null"]}, "name": {"type": "string"},
+                                   "role": {"type": "string", "enum": ["user", "admin"]}}},
+                    "The ticket (null when the API is open)"))}},
             "/api/jobs/{job_id}": {
                 "get": {"summary": "Job snapshot", "parameters": job_id, "responses": responses(_200=job, _404=not_found)},
                 "delete": {"summary": "Delete a finished job and its files", "parameters": job_id,
@@ -188,7 +254,7 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
                         "additionalProperties": False, "properties": {
                             k: _form_field(v) for k, v in schemas["ExtendParams"]["properties"].items()
                             if k != "prompts"}}}}},
-                "responses": responses(_202=job, _400=err, _404=not_found, _409=err, _422=err)}},
+                "responses": responses(_202=job, _400=err, _404=not_found, _409=err, _422=err, _429=too_many)}},
             "/api/jobs/{job_id}/video": {"get": {"summary": "Final video (409 until the job succeeded)",
                 "parameters": job_id, "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"},
                                                              _404=not_found, _409=err, _416=err)}},
@@ -218,7 +284,7 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
                                                **submit_props}}}}}},
                 }},
                 "responses": responses(_202=_json(_ref("Batch"), "Queued: the jobs, and the entries refused"),
-                                       _400=err, _413=err, _415=err, _422=err)}},
+                                       _400=err, _413=err, _415=err, _422=err, _429=too_many)}},
             "/api/batches/{batch_id}": {"get": {"summary": "A batch: its jobs and counts by state",
                 "parameters": [{"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": responses(_200=_json(_ref("Batch"), "The batch"), _404=not_found)}},
@@ -239,7 +305,8 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
                 "responses": responses(_200={**_json({"type": "object", "required": ["job_id", "message"]},
                                                      "{job_id, message[, adjusted]}"),
                                              "links": _links("$response.body#/job_id")},
-                                       _400=legacy_err, _422=legacy_err, _413=legacy_err, _500=legacy_err)}},
+                                       _400=legacy_err, _422=legacy_err, _413=legacy_err, _429=legacy_err,
+                                       _500=legacy_err, _503=legacy_err)}},
             "/status/{job_id}": {"get": {"summary": "Original API: status (progress 0-100)", "parameters": job_id,
                 "responses": responses(_200=_json({"type": "object"}, "Status"), _404=legacy_err)}},
             "/stream/status/{job_id}": {"get": {"summary": "Original API: Server-Sent Events (progress with "
@@ -282,3 +349,4 @@ def document(lora_names: tuple[str, ...] = ()) -> dict[str, Any]:
         },  # fmt: skip
         "components": {"schemas": {**defs, **schemas}},
     })
+    return _secure(doc) if auth_required else doc

@@ -1,7 +1,9 @@
 """The web tier's services: reads of jobs, dispatch, and the lifecycle calls (no Flask).
 
 Everything a route needs about a job goes through :class:`Service`, so the REST API, the
-WebSocket, the SSE compatibility stream and the browser see the same snapshot.  Reads
+WebSocket, the SSE compatibility stream and the browser see the same snapshot.  Reads that
+list jobs take an ``owner``: a token's name reads that token's jobs only (its own indexes),
+None reads every job; who may read what is decided by the caller (``webapp.auth``).  Reads
 here never change a job; transitions go through :class:`tasks.lifecycle.Lifecycle`, and
 the sweep (:mod:`tasks.sweeper`) runs in a background thread of one web process.
 """
@@ -20,8 +22,9 @@ import redis
 from celery import Celery
 
 from diffusers_helper.params import ExtendParams, JobParams
+from tasks import webhooks
 from tasks.app import make_celery
-from tasks.lifecycle import Lifecycle, decode_record, new_job_id
+from tasks.lifecycle import Lifecycle, QueueFull, decode_record, new_job_id
 from tasks.protocol import INPUT_FILE, QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, parse_celery_payload
 from tasks.settings import Settings, connect
 from tasks.snapshot import batch_links, build_view, decorate, summary_of
@@ -40,7 +43,7 @@ class Service:
         self.hub = JobHub(settings.store_url, decorate, poll_interval)
         self.celery = celery or make_celery(client=True)
         self.results_dir = settings.results_dir
-        self.lifecycle = Lifecycle(self.redis, settings, self._announce)
+        self.lifecycle = Lifecycle(self.redis, settings, self._announce, webhooks.dispatcher(self.celery))
         nodes = lambda: {w["node"] for w in self.workers() if w.get("node")}  # noqa: E731
         self.sweeper = Sweeper(self.lifecycle, Broker(self.celery, nodes), self.remove_files)
 
@@ -50,17 +53,21 @@ class Service:
             dispatcher.send(event, uuid=job_id, **fields)
 
     # -- transitions --------------------------------------------------------------------
-    def submit(self, params: JobParams, image_png: bytes, end_png: bytes | None,
-               batch: str | None = None, extends: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def submit(self, params: JobParams, image_png: bytes, end_png: bytes | None, *, owner: str | None = None,
+               webhook: dict[str, Any] | None = None, batch: str | None = None,
+               extends: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Store and dispatch a job.  Raises :class:`tasks.lifecycle.QueueFull` (nothing
+        stored) over a queue limit, or the broker's error (nothing left stored)."""
         params = params.with_seed()  # chosen here, so a redelivered job reproduces
         job_id = new_job_id()
         stored = params.model_dump(mode="json")
         stored["end_image"] = "upload" if end_png is not None else None
-        view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png, batch, extends)
+        view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png, batch, extends,
+                                     owner=owner, webhook=webhook)  # fmt: skip
         try:
             self.celery.send_task(TASK_NAME, args=[job_id, stored], task_id=job_id, queue=QUEUE)
         except Exception:
-            self.lifecycle.discard(job_id)
+            self.lifecycle.discard(job_id, owner)
             raise
         return view
 
@@ -73,13 +80,23 @@ class Service:
             self.lifecycle.finish(job_id, JobState.CANCELLED, reason=Reason.CANCELLED)
         return self.view(job_id)
 
-    def submit_batch(self, entries: list[tuple[JobParams, bytes, bytes | None]],
-                     errors: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-        """Each valid entry becomes a normal job of one batch; ``errors`` are the entries
-        refused at submit (kept with the batch, so its page says what did not run)."""
+    def submit_batch(self, entries: list[tuple[int, JobParams, bytes, bytes | None, dict[str, Any] | None]],
+                     errors: list[dict[str, Any]], *, owner: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Each valid entry ``(index, params, image, end, webhook)`` becomes a normal job of
+        one batch; ``errors`` are the entries refused at submit (kept with the batch, so its
+        page says what did not run).  An entry over a queue limit is refused the same way,
+        unless it is the first, when nothing is stored and :class:`QueueFull` is raised."""
         batch_id = new_job_id()
-        job_ids = [self.submit(params, image, end, batch=batch_id)["id"] for params, image, end in entries]
-        self.lifecycle.record_batch(batch_id, job_ids, errors)
+        job_ids: list[str] = []
+        errors = list(errors)
+        for index, params, image, end, webhook in entries:
+            try:
+                job_ids.append(self.submit(params, image, end, owner=owner, webhook=webhook, batch=batch_id)["id"])
+            except QueueFull as exc:
+                if not job_ids:
+                    raise
+                errors.append({"index": index, "field": "queue", "message": str(exc)})
+        self.lifecycle.record_batch(batch_id, job_ids, sorted(errors, key=lambda e: e["index"]), owner=owner)
         return self.batch_view(batch_id)
 
     def batch_view(self, batch_id: str) -> dict[str, Any] | None:
@@ -92,7 +109,8 @@ class Service:
         counts: dict[str, int] = {}
         for job in jobs:
             counts[job["state"]] = counts.get(job["state"], 0) + 1
-        return {"id": batch_id, "created_at": float(rec["created_at"]), "total": len(jobs), "counts": counts,
+        return {"id": batch_id, "owner": rec.get("owner") or None, "created_at": float(rec["created_at"]),
+                "total": len(jobs), "counts": counts,
                 "done": all(JobState(j["state"]) in TERMINAL for j in jobs), "errors": json.loads(rec["errors"]),
                 "jobs": jobs, "links": batch_links(batch_id)}  # fmt: skip
 
@@ -108,9 +126,9 @@ class Service:
         """Where the worker keeps a job's last section checkpoint (``diffusers_helper.checkpoint``)."""
         return self.job_dir(job_id) / "video-checkpoint.safetensors"
 
-    def extend(self, job_id: str, original: dict[str, Any], ext: ExtendParams) -> dict[str, Any]:
-        """A new job that continues ``original`` (a finished job's snapshot) forward with F1:
-        its parameters, seed and input, the new length and, if given, new prompts."""
+    def extension_params(self, original: dict[str, Any], ext: ExtendParams) -> JobParams:
+        """The parameters of a job that continues ``original`` (a finished job's snapshot)
+        forward with F1: its parameters and seed, the new length and, if given, new prompts."""
         from diffusers_helper.prompts import parse
 
         params = {k: v for k, v in original["params"].items() if k not in ("end_image", "has_end_image")}
@@ -119,8 +137,12 @@ class Service:
                       prompts=[p.model_dump() for p in ext.prompts] if ext.prompts else None)  # fmt: skip
         if ext.prompt_blend_sections is not None:
             params["prompt_blend_sections"] = ext.prompt_blend_sections
+        return JobParams.model_validate(params)
+
+    def extend(self, job_id: str, params: JobParams, *, owner: str | None = None) -> dict[str, Any]:
+        """Submit ``params`` (:meth:`extension_params`) as a job extending ``job_id``, from its input."""
         image = (self.job_dir(job_id) / INPUT_FILE).read_bytes()
-        return self.submit(JobParams.model_validate(params), image, None, extends=job_id)
+        return self.submit(params, image, None, owner=owner, extends=job_id)
 
     def delete(self, job_id: str) -> None:
         self.lifecycle.delete(job_id)
@@ -150,37 +172,55 @@ class Service:
         p.get(Keys.celery_meta(job_id))
         p.zrank(Keys.QUEUED, job_id)
         p.exists(Keys.heartbeat(job_id))
-        raw, meta, rank, alive = p.execute()
+        webhooks.read_log(p, job_id)
+        raw, meta, rank, alive, log = p.execute()
         rec = decode_record(raw)
         if rec is None:
             return None
         latest = parse_celery_payload(meta) if meta is not None else None
         return build_view(rec, latest, position=None if rank is None else rank + 1, alive=bool(alive),
-                          heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
+                          heartbeat_ttl=self.settings.heartbeat_ttl, deliveries=webhooks.deliveries(log))  # fmt: skip
 
     def summary(self, job_id: str) -> dict[str, Any] | None:
         v = self.view(job_id)
         return None if v is None else summary_of(v)
 
-    def list_page(self, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        ids = [i.decode() for i in self.redis.zrevrange(Keys.JOBS, offset, offset + limit - 1)]
-        total = int(self.redis.zcard(Keys.JOBS))
+    def list_page(self, offset: int, limit: int, owner: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """A page of summaries, newest first: every job, or ``owner``'s."""
+        index = Keys.JOBS if owner is None else Keys.owner_jobs(owner)
+        ids = [i.decode() for i in self.redis.zrevrange(index, offset, offset + limit - 1)]
+        total = int(self.redis.zcard(index))
         return [s for s in (self.summary(i) for i in ids) if s is not None], total
 
-    def queued_ids(self) -> list[str]:
-        return [i.decode() for i in self.redis.zrange(Keys.QUEUED, 0, -1)]
+    def queued(self, owner: str | None = None) -> list[tuple[str, int]]:
+        """(job id, 1-based position in the whole queue) of every queued job, or ``owner``'s."""
+        if owner is None:
+            return [(i.decode(), n) for n, i in enumerate(self.redis.zrange(Keys.QUEUED, 0, -1), start=1)]
+        ids = [i.decode() for i in self.redis.zrange(Keys.owner_queued(owner), 0, -1)]
+        p = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            p.zrank(Keys.QUEUED, job_id)
+        return [(i, rank + 1) for i, rank in zip(ids, p.execute(), strict=True) if rank is not None]
 
-    def running_ids(self) -> list[str]:
-        return [i.decode() for i in self.redis.zrange(Keys.RUNNING, 0, -1)]
+    def running_ids(self, owner: str | None = None) -> list[str]:
+        ids = [i.decode() for i in self.redis.zrange(Keys.RUNNING, 0, -1)]
+        if owner is None or not ids:
+            return ids
+        p = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            p.hget(Keys.job(job_id), "owner")
+        return [i for i, o in zip(ids, p.execute(), strict=True) if o is not None and o.decode() == owner]
 
-    def succeeded_ids(self) -> list[str]:
-        """Jobs that ended with a video, newest first (bounded by the results' lifetime)."""
-        ids, _ = self.list_page(0, 1000)
+    def succeeded_ids(self, owner: str | None = None) -> list[str]:
+        """Jobs that ended with a video, newest first (bounded by the results' lifetime): every
+        job's, or ``owner``'s."""
+        ids, _ = self.list_page(0, 1000, owner)
         return [j["id"] for j in ids if j["state"] == JobState.SUCCEEDED.value]
 
-    def cleanup_finished(self, keep: int) -> int:
-        """Delete the finished jobs (and their files) beyond the newest ``keep``."""
-        finished = [j["id"] for j in self.list_page(0, 10_000)[0] if JobState(j["state"]) in TERMINAL]
+    def cleanup_finished(self, keep: int, owner: str | None = None) -> int:
+        """Delete the finished jobs (and their files) beyond the newest ``keep``: of every
+        job, or of ``owner``'s."""
+        finished = [j["id"] for j in self.list_page(0, 10_000, owner)[0] if JobState(j["state"]) in TERMINAL]
         for job_id in finished[keep:]:
             self.delete(job_id)
         return max(0, len(finished) - keep)

@@ -4,6 +4,10 @@ Each socket gets a snapshot, then the hub's messages from its outbox, sent by th
 socket's own handler thread (so a stalled peer blocks nobody else).  Per-message deflate
 is refused: base64 JPEGs barely compress and deflate per socket dominated latency at
 hundreds of watchers (p99 ~40 ms -> ~350 ms at 500 watchers in a prototype).
+
+With API tokens the handshake is refused with 401 before the upgrade (``webapp.auth``;
+browsers add ``?access=<ticket>``); a job the caller may not see closes with 4404, as an
+unknown one does, and the all-jobs feed carries only the caller's jobs (admins: all).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from flask_sock import Sock
 from tasks.protocol import TERMINAL, JobState, Keys, encode
 from tasks.snapshot import decorate
 
+from .auth import principal
 from .service import Service
 
 sock = Sock()
@@ -102,7 +107,8 @@ def _pump(ws: Any, outbox: Any, sent_seq: int, until_final: bool) -> None:
 @sock.route("/ws/jobs/<job_id>", bp=bp)
 def job_stream(ws: Any, job_id: str) -> None:
     svc = _service()
-    if svc.record(job_id) is None:
+    record = svc.record(job_id)
+    if record is None or not principal().may_see(record.get("owner")):
         ws.close(reason=CLOSE_UNKNOWN_JOB, message="unknown job")
         return
     _limit_send_buffer(ws)
@@ -126,11 +132,12 @@ def job_stream(ws: Any, job_id: str) -> None:
 @sock.route("/ws/jobs", bp=bp)
 def jobs_stream(ws: Any) -> None:
     svc = _service()
-    outbox = svc.hub.new_outbox()
+    who = principal()
+    outbox = svc.hub.new_outbox(accept=None if who.admin else lambda item: who.may_see(item.data.get("owner")))
     outbox.own(ws)
     svc.hub.watch(Keys.EVENTS, outbox)
     try:
-        jobs, _ = svc.list_page(0, 50)
+        jobs, _ = svc.list_page(0, 50, None if who.admin else who.name)
         ws.send(encode({"type": "snapshot", "jobs": jobs}))
         _pump(ws, outbox, 0, until_final=False)
     finally:

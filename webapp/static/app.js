@@ -7,6 +7,83 @@ const MAIN_FIELDS = ["prompt", "n_prompt", "total_second_length", "model", "seed
 const TEXTAREAS = new Set(["prompt", "n_prompt"]);
 
 // ---------------------------------------------------------------------------------------------
+// API tokens: when the server answers 401, the page asks for a token and keeps it for this
+// tab's session (sessionStorage). fetch() sends it as a Bearer header; WebSocket, <video> and
+// <img> URLs cannot carry a header, so they get a short-lived read-only ticket (?access=)
+// from POST /api/access, renewed at half its lifetime.
+const TOKEN_KEY = "framepack-token";
+let token = sessionStorage.getItem(TOKEN_KEY);
+let access = null;
+let accessTimer = null;
+
+function authHeaders(headers = {}) {
+  return token ? { ...headers, Authorization: `Bearer ${token}` } : headers;
+}
+
+async function api(path, options = {}) {
+  const resp = await fetch(path, { ...options, headers: authHeaders(options.headers) });
+  if (resp.status === 401 && token) { forgetToken(); location.reload(); }
+  return resp;
+}
+
+function withAccess(url) {
+  if (!access || !url) return url;
+  return `${url}${url.includes("?") ? "&" : "?"}access=${encodeURIComponent(access)}`;
+}
+
+async function refreshAccess() {
+  clearTimeout(accessTimer);
+  if (!token) { access = null; return; }
+  const resp = await api("/api/access", { method: "POST" });
+  if (!resp.ok) return;
+  const body = await resp.json();
+  access = body.access;
+  if (body.ttl) accessTimer = setTimeout(refreshAccess, (body.ttl * 1000) / 2);
+}
+
+function forgetToken() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  token = null;
+  access = null;
+}
+
+function askToken(message) {
+  // Shows the token form; resolves with what the user typed.
+  $("#token-view").hidden = false;
+  $("#app").hidden = true;
+  $("#token-error").textContent = message || "";
+  const input = $("#token-input");
+  input.value = "";
+  input.setAttribute("aria-invalid", message ? "true" : "false");
+  input.focus();
+  return new Promise((resolve) => {
+    $("#token-form").onsubmit = (e) => {
+      e.preventDefault();
+      const value = input.value.trim();
+      if (value) resolve(value);
+    };
+  });
+}
+
+async function signIn() {
+  // Until /api/info answers: an open server answers at once; one with tokens after a good one.
+  let message = "";
+  for (;;) {
+    const resp = await fetch("/api/info", { headers: authHeaders() });
+    if (resp.ok) {
+      $("#token-view").hidden = true;
+      $("#app").hidden = false;
+      return resp.json();
+    }
+    if (resp.status !== 401) throw new Error(`/api/info: HTTP ${resp.status}`);
+    if (token) message = "That token was refused. Check it and try again.";
+    forgetToken();
+    token = await askToken(message);
+    sessionStorage.setItem(TOKEN_KEY, token);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reconnecting WebSocket with exponential back-off
 class Stream {
   constructor(path, { onMessage, onState, done = () => false }) {
@@ -20,7 +97,7 @@ class Stream {
   }
   open() {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    this.ws = new WebSocket(`${proto}//${location.host}${this.path}`);
+    this.ws = new WebSocket(`${proto}//${location.host}${withAccess(this.path)}`);
     this.ws.onopen = () => { this.delay = 500; this.onState("live"); };
     this.ws.onmessage = (e) => this.onMessage(JSON.parse(e.data));
     this.ws.onclose = (e) => {
@@ -109,7 +186,7 @@ function renderField(name, prop, components) {
 }
 
 async function buildForm() {
-  const doc = await (await fetch("/api/openapi.json")).json();
+  const doc = await (await api("/api/openapi.json")).json();
   const components = doc.components.schemas;
   schema = components.JobParams;
   const main = $("#main-fields");
@@ -130,7 +207,7 @@ async function buildForm() {
 let loraNames = [];
 
 async function buildLoraPicker(container) {
-  try { loraNames = (await (await fetch("/api/loras")).json()).loras.map((l) => l.name); } catch { loraNames = []; }
+  try { loraNames = (await (await api("/api/loras")).json()).loras.map((l) => l.name); } catch { loraNames = []; }
   const wrap = document.createElement("div");
   wrap.className = "field";
   wrap.dataset.field = "loras";
@@ -233,7 +310,7 @@ async function submit(e) {
   const btn = $("#submit-btn");
   btn.disabled = true;
   try {
-    const resp = await fetch(batch ? "/api/batches" : "/api/jobs", { method: "POST", body: form });
+    const resp = await api(batch ? "/api/batches" : "/api/jobs", { method: "POST", body: form });
     const body = await resp.json().catch(() => ({ error: `HTTP ${resp.status}`, field: "body" }));
     if (resp.status !== 202) { showErrors(body); return; }
     navigate(batch ? `/batches/${body.id}` : `/jobs/${body.id}`);
@@ -308,12 +385,12 @@ function renderJob(job) {
     $("#partial").hidden = state === "succeeded";
     const last = sections[sections.length - 1];
     const video = $("#partial-video");
-    if (video.dataset.url !== last.url) { video.dataset.url = last.url; video.src = last.url; }
+    if (video.dataset.url !== last.url) { video.dataset.url = last.url; video.src = withAccess(last.url); }
     $("#sections-list").innerHTML = "";
     for (const s of sections) {
       const li = document.createElement("li");
       const a = document.createElement("a");
-      a.href = s.url;
+      a.href = withAccess(s.url);
       a.textContent = `after section ${s.section}: ${s.frames} frames, ${s.seconds.toFixed(2)} s`;
       li.append(a);
       $("#sections-list").append(li);
@@ -323,8 +400,8 @@ function renderJob(job) {
   if (state === "succeeded" && job.result) {
     $("#final").hidden = false;
     const video = $("#final-video");
-    if (video.dataset.url !== job.result.video_url) { video.dataset.url = job.result.video_url; video.src = job.result.video_url; }
-    $("#download-link").href = job.result.video_url;
+    if (video.dataset.url !== job.result.video_url) { video.dataset.url = job.result.video_url; video.src = withAccess(job.result.video_url); }
+    $("#download-link").href = withAccess(job.result.video_url);
     const r = job.result;
     const meta = { seed: r.seed, frames: r.frames, seconds: r.seconds, size: `${r.width}×${r.height}`,
       profile: r.profile, "sampling time": fmtSeconds(r.timings && r.timings.sampling), "total time": fmtSeconds(r.timings && r.timings.total),
@@ -374,7 +451,7 @@ function openJob(id) {
     $("#error-extend").textContent = "";
     const body = { seconds: Number($("#extend-seconds").value) };
     if ($("#extend-prompt").value.trim()) body.prompt = $("#extend-prompt").value;
-    const resp = await fetch(`/api/jobs/${encodeURIComponent(id)}/extend`, {
+    const resp = await api(`/api/jobs/${encodeURIComponent(id)}/extend`, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
     const out = await resp.json().catch(() => ({ error: `HTTP ${resp.status}` }));
     if (resp.status !== 202) { $("#error-extend").textContent = out.error; return; }
@@ -382,7 +459,7 @@ function openJob(id) {
   };
   $("#cancel-btn").onclick = async () => {
     $("#cancel-btn").disabled = true;
-    await fetch(`/api/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+    await api(`/api/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
     $("#cancel-btn").disabled = false;
   };
 }
@@ -403,7 +480,7 @@ function renderQueue() {
     a.href = `/jobs/${j.id}`;
     a.dataset.nav = "";
     const img = document.createElement("img");
-    img.src = `/api/jobs/${j.id}/input`;
+    img.src = withAccess(`/api/jobs/${j.id}/input`);
     img.alt = "";
     img.loading = "lazy";
     const text = document.createElement("div");
@@ -420,7 +497,7 @@ function renderQueue() {
 }
 
 async function refreshSummary(id) {
-  const resp = await fetch(`/api/jobs/${encodeURIComponent(id)}`);
+  const resp = await api(`/api/jobs/${encodeURIComponent(id)}`);
   if (!resp.ok) { queueJobs.delete(id); renderQueue(); return; }
   const j = await resp.json();
   queueJobs.set(id, { ...j, prompt: (j.params || {}).prompt || "" });
@@ -465,7 +542,7 @@ async function openBatch(id) {
   $("#batch-view").hidden = false;
   $("#batch-id").textContent = id;
   const render = async () => {
-    const resp = await fetch(`/api/batches/${encodeURIComponent(id)}`);
+    const resp = await api(`/api/batches/${encodeURIComponent(id)}`);
     if (!resp.ok) { $("#batch-counts").textContent = "Unknown batch."; return; }
     const b = await resp.json();
     $("#batch-counts").textContent = Object.entries(b.counts).map(([k, v]) => `${v} ${k}`).join(" · ") + (b.done ? " — done" : "");
@@ -490,7 +567,7 @@ async function openBatch(id) {
     $("#batch-cancel").hidden = b.done;
     if (b.done) { clearInterval(batchTimer); batchTimer = null; }
   };
-  $("#batch-cancel").onclick = async () => { await fetch(`/api/batches/${encodeURIComponent(id)}/cancel`, { method: "POST" }); render(); };
+  $("#batch-cancel").onclick = async () => { await api(`/api/batches/${encodeURIComponent(id)}/cancel`, { method: "POST" }); render(); };
   clearInterval(batchTimer);
   batchTimer = setInterval(render, 2000);
   await render();
@@ -524,22 +601,23 @@ document.addEventListener("click", (e) => {
 });
 window.addEventListener("popstate", route);
 
-async function showProfile() {
-  try {
-    const info = await (await fetch("/api/info")).json();
-    const names = info.profiles.length ? info.profiles.join(", ") : "no worker yet";
-    $("#profile-badge").textContent = `model profile: ${names}`;
-    $("#noise-warning").hidden = !info.is_noise;
-  } catch {
-    $("#profile-badge").textContent = "model profile: unknown";
-  }
+function showProfile(info) {
+  const names = info.profiles.length ? info.profiles.join(", ") : "no worker yet";
+  $("#profile-badge").textContent = `model profile: ${names}`;
+  $("#noise-warning").hidden = !info.is_noise;
+  const auth = info.auth || {};
+  $("#who").hidden = !auth.required;
+  $("#who-name").textContent = auth.required ? `${auth.name} (${auth.role})` : "";
 }
 
 async function main() {
   setupImagePicker();
   $("#submit-form").addEventListener("submit", submit);
+  $("#sign-out").addEventListener("click", () => { forgetToken(); location.reload(); });
+  const info = await signIn();
+  await refreshAccess();
   await buildForm();
-  showProfile();
+  showProfile(info);
   watchQueue();
   route();
   document.body.dataset.ready = "true";
