@@ -18,6 +18,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# `make run GPUS=0,1`: one worker per listed device (stack.py reads GPUS from the environment).
 run: $(STAMP)
 	$(BIN)/python -m stack
 

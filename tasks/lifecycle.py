@@ -383,6 +383,7 @@ class Lifecycle:
                 pipe.delete(Keys.heartbeat(job_id), Keys.input(job_id), Keys.end_image(job_id))
             pipe.set(meta_key, doc, ex=self.ttl)
             pipe.publish(meta_key, doc)
+            pipe.hincrby(Keys.STATS, Keys.stats_finished(state.value), 1)
             pipe.publish(Keys.EVENTS, feed_event("finished", job_id, state, seq=seq, summary=summary_of(view),
                                                  left_position=None if position is None else position + 1,
                                                  owner=rec.get("owner")))  # fmt: skip
@@ -400,7 +401,8 @@ class Lifecycle:
             try:
                 self.announce(job_id, event, event_fields)
             except Exception as exc:  # noqa: BLE001 — Flower's view is not worth failing a job over
-                log.warning("could not announce %s of job %s to Flower: %s", event, job_id, exc)
+                log.warning("could not announce %s of job %s to Flower: %s", event, job_id, exc,
+                            extra={"job_id": job_id})  # fmt: skip
         return meta
 
     def finish_patiently(self, job_id: str, state: JobState, **kwargs: Any) -> dict[str, Any] | None:
@@ -413,9 +415,10 @@ class Lifecycle:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() >= deadline:
                     log.error("job %s: could not write its end (%s) within %.0f s: %s", job_id, state.value,
-                              self.settings.final_retry_seconds, exc)  # fmt: skip
+                              self.settings.final_retry_seconds, exc, extra={"job_id": job_id})  # fmt: skip
                     raise
-                log.warning("job %s: Redis unavailable, retrying its end (%s): %s", job_id, state.value, exc)
+                log.warning("job %s: Redis unavailable, retrying its end (%s): %s", job_id, state.value, exc,
+                            extra={"job_id": job_id})  # fmt: skip
                 time.sleep(1.0)
 
     def delete(self, job_id: str) -> None:

@@ -77,6 +77,11 @@ class Keys:
     MISSING = "fp:missing"  # HASH job_id -> first sweep that found its message gone from the broker
     OWNERS = "fp:owners"  # SET: names of every token that submitted (their indexes below)
     WEBHOOKS_DUE = "fp:webhooks"  # ZSET job_id -> when its next webhook delivery is due (sweep re-dispatches)
+    STATS = "fp:stats"  # HASH counters for /metrics: finished:<state> -> jobs that ended so (never expires)
+
+    @staticmethod
+    def stats_finished(state: str) -> str:  # field of STATS
+        return f"finished:{state}"
 
     @staticmethod
     def job(job_id: str) -> str:  # HASH: the job record (see JOB_FIELDS)
@@ -132,8 +137,11 @@ class Keys:
 
 
 CELERY_META_PREFIX = "celery-task-meta-"
-#: The normalised input image as the worker saves it next to the video (RESULTS_DIR/<id>/).
+#: The normalised input image as the worker saves it next to the video (<results>/<id>/).
 INPUT_FILE = "input.png"
+#: A job's last section checkpoint in its results (``OutputLayout(dir, "video").checkpoint``
+#: of :mod:`diffusers_helper.generate`): what a resumed or an extending job continues from.
+CHECKPOINT_FILE = "video-checkpoint.safetensors"
 
 #: Fields of the job record hash (all strings in Redis; JSON where noted).
 JOB_FIELDS = (

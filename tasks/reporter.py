@@ -20,12 +20,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from . import webhooks
 from .lifecycle import Lifecycle
+from .logs import job_context
 from .protocol import STATE_TO_CELERY, JobState, Keys, feed_event, flower_event, make_meta, preview_field
 
 log = logging.getLogger("framepack.worker")
@@ -50,6 +52,7 @@ class Reporter:
         progress_interval: float = 0.1,
         sections_done: list[dict[str, Any]] | None = None,
         record: dict[str, Any] | None = None,
+        on_drop: Callable[[], Any] | None = None,
     ):
         """``record`` is the job's (decoded) record: its owner labels the feed's progress
         events, its webhook says whether sections are announced."""
@@ -58,6 +61,7 @@ class Reporter:
         self.section_webhook = webhooks.wants(record, "section")
         self.hostname = hostname  # the Celery worker's, for the events it sends
         self.progress_interval = progress_interval
+        self.on_drop = on_drop  # counts updates lost to a Redis outage (metrics)
         self.seq = seq  # a redelivered job continues its predecessor's sequence
         self.written = 0
         self.dropped = 0
@@ -123,6 +127,10 @@ class Reporter:
 
     # -- the writer thread ----------------------------------------------------------------
     def _run(self) -> None:
+        with job_context(self.job_id):
+            self._write_pending()
+
+    def _write_pending(self) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self._closed:
@@ -151,6 +159,8 @@ class Reporter:
             self.task.update_state(task_id=self.job_id, state=STATE_TO_CELERY[JobState.RUNNING], meta=meta)
         except Exception as exc:  # noqa: BLE001 — Redis down: drop it, never fail the job for progress
             self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
             log.warning("job %s: %s update dropped (%s: %s)", self.job_id, event, type(exc).__name__, exc)
             return False
         self.seq += 1

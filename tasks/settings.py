@@ -65,6 +65,45 @@ def _webhook_secret(env: Mapping[str, str], allow: tuple[str, ...]) -> str:
     return secret
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+def results_location(env: Mapping[str, str], default_dir: Path) -> tuple[str, Path]:
+    """``RESULTS_URL`` (``s3://bucket/prefix``, ``file:///dir`` or a plain directory) or,
+    without it, ``RESULTS_DIR``: ``("s3://bucket/prefix", RESULTS_DIR)`` for a bucket,
+    ``("", directory)`` for a local directory (the one place a directory is named)."""
+    raw = (env.get("RESULTS_URL") or "").strip()
+    directory = Path(env.get("RESULTS_DIR") or default_dir).resolve()
+    if not raw:
+        return "", directory
+    parts = urlsplit(raw)
+    if parts.scheme == "s3":
+        if len(parts.netloc) < 3 or "@" in parts.netloc:
+            raise ValueError(f"RESULTS_URL={raw!r}: s3:// needs a bucket name (3 characters or more)")
+        prefix = parts.path.strip("/")
+        return (f"s3://{parts.netloc}/{prefix}" if prefix else f"s3://{parts.netloc}"), directory
+    if parts.scheme == "file":
+        return "", Path(parts.path).resolve()
+    if parts.scheme:
+        raise ValueError(f"RESULTS_URL={raw!r}: use s3://bucket/prefix, file:///dir or a directory")
+    return "", Path(raw).resolve()
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (for logs, ``/api/info`` and Celery's
     exported config)."""
@@ -82,9 +121,27 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     broker_url: str = ""
     result_backend: str = ""
+    #: Where results live: ``""`` for the directory ``results_dir``, or ``s3://bucket/prefix``
+    #: (``RESULTS_URL``; the bucket's endpoint and region below, credentials from boto3's
+    #: usual chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, roles).
+    results_url: str = ""
     results_dir: Path = Path("var/results")
     #: LoRA files (.safetensors) jobs may name; web tier and workers read the same directory.
     lora_dir: Path = Path("var/loras")
+    #: Where a worker writes a job's files before uploading them (bucket results only).
+    work_dir: Path = Path("var/work")
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    #: Bucket results: answer downloads with a 302 to a presigned URL valid this long,
+    #: instead of streaming them through the web tier.
+    results_redirect: bool = False
+    presign_seconds: int = 300
+    #: The worker's Prometheus endpoint (0: none); every worker on a host needs its own port.
+    worker_metrics_port: int = 0
+    worker_metrics_addr: str = "0.0.0.0"
+    #: ``text`` (as before) or ``json``: one JSON object per line, the job id on each line about a job.
+    log_format: str = "text"
+    log_level: str = "INFO"
     profile: str = DEFAULT_PROFILE
     #: The longest a job may run; time limits, visibility and consumer timeouts derive from it.
     max_job_seconds: int = 4 * 3600
@@ -140,12 +197,23 @@ class Settings:
         d = cls()
         redis_url = env.get("REDIS_URL") or d.redis_url
         allow = _webhook_allow(env)
+        results_url, results_dir = results_location(env, d.results_dir)
         return cls(
             redis_url=redis_url,
             broker_url=env.get("CELERY_BROKER_URL") or redis_url,
             result_backend=env.get("CELERY_RESULT_BACKEND") or redis_url,
-            results_dir=Path(env.get("RESULTS_DIR") or d.results_dir).resolve(),
             lora_dir=Path(env.get("FRAMEPACK_LORA_DIR") or d.lora_dir).resolve(),
+            results_url=results_url,
+            results_dir=results_dir,
+            work_dir=Path(env.get("FRAMEPACK_WORK_DIR") or d.work_dir).resolve(),
+            s3_endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "",
+            s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "",
+            results_redirect=_flag(env, "FRAMEPACK_RESULTS_REDIRECT", d.results_redirect),
+            presign_seconds=_num(env, "FRAMEPACK_PRESIGN_SECONDS", d.presign_seconds, int),
+            worker_metrics_port=_num(env, "FRAMEPACK_WORKER_METRICS_PORT", d.worker_metrics_port, int),
+            worker_metrics_addr=env.get("FRAMEPACK_WORKER_METRICS_ADDR") or d.worker_metrics_addr,
+            log_format=_choice(env, "LOG_FORMAT", d.log_format, ("text", "json")),
+            log_level=(env.get("LOG_LEVEL") or d.log_level).upper(),
             profile=env.get("FRAMEPACK_PROFILE") or d.profile,
             max_job_seconds=_num(env, "FRAMEPACK_MAX_JOB_SECONDS", d.max_job_seconds, int),
             result_ttl=_num(env, "FRAMEPACK_RESULT_EXPIRES", d.result_ttl, int),
@@ -190,7 +258,7 @@ class Settings:
     def public(self) -> dict[str, Any]:
         """The settings as ``/api/info`` shows them: URLs without passwords, no secrets."""
         out = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-        for key in ("redis_url", "broker_url", "result_backend"):
+        for key in ("redis_url", "broker_url", "result_backend", "s3_endpoint_url"):
             out[key] = mask_url(out[key])
         tokens = self.api_tokens
         out["api_tokens"] = tokens if tokens.startswith("@") else "***" if tokens else ""

@@ -103,6 +103,18 @@ class Broker:
         count = self._amqp_count()
         return set() if count == 0 else None
 
+    def depth(self) -> int | None:
+        """Messages waiting in the ``gpu`` queue (not yet delivered to a worker); None
+        when the broker cannot be asked."""
+        if self.url.startswith(("redis://", "rediss://", "unix://")):
+            if self._redis is None:
+                self._redis = connect(self.url, 2.0)
+            pipe = self._redis.pipeline(transaction=False)
+            for key in (QUEUE, *(f"{QUEUE}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)):
+                pipe.llen(key)
+            return sum(pipe.execute())
+        return self._amqp_count()
+
     def _amqp_count(self) -> int | None:
         try:
             with self.celery.connection_for_read() as conn:
@@ -120,7 +132,9 @@ def _message_id(raw: bytes | str) -> str:
 
 
 class Sweeper:
-    def __init__(self, lifecycle: Lifecycle, broker: Broker | None, remove_files: Callable[[str], None]):
+    def __init__(self, lifecycle: Lifecycle, broker: Broker | None, remove_files: Callable[[str], None],
+                 on_redis_error: Callable[[], Any] | None = None):  # fmt: skip
+        self.on_redis_error = on_redis_error
         self.lc = lifecycle
         self.r = lifecycle.r
         self.settings = lifecycle.settings
@@ -189,17 +203,23 @@ class Sweeper:
         return purged
 
     def _expired(self, now: float) -> list[str]:
-        """Index entries whose record expired (``result_ttl``), and their files."""
+        """Index entries whose record expired (``result_ttl``), and their files.  An entry
+        whose files cannot be removed (the bucket unreachable) stays for the next sweep."""
         cutoff = now - self.settings.result_ttl
         old = [i.decode() for i in self.r.zrangebyscore(Keys.JOBS, 0, cutoff)]
-        gone = [i for i in old if not self.r.exists(Keys.job(i))]
+        gone = []
+        for job_id in (i for i in old if not self.r.exists(Keys.job(i))):
+            try:
+                self.remove_files(job_id)
+            except Exception as exc:  # noqa: BLE001 — tried again next sweep
+                log.warning("sweep: files of expired job %s not removed: %s", job_id, exc, extra={"job_id": job_id})
+                continue
+            gone.append(job_id)
         owners = [o.decode() for o in self.r.smembers(Keys.OWNERS)]
         if gone:
             for index in (Keys.JOBS, Keys.QUEUED, Keys.RUNNING, Keys.WEBHOOKS_DUE,
                           *(Keys.owner_queued(o) for o in owners)):  # fmt: skip
                 self.r.zrem(index, *gone)
-            for job_id in gone:
-                self.remove_files(job_id)
         for owner in owners:  # each token's listing: the same cutoff (scores are creation times)
             index = Keys.owner_jobs(owner)
             stale = [i for i in self.r.zrangebyscore(index, 0, cutoff) if not self.r.exists(Keys.job(i.decode()))]
@@ -233,9 +253,12 @@ class Sweeper:
                         self.r.expire(Keys.SWEEPER, max(1, int(every * 3)))
                         done = self.sweep()
                         for kind, ids in done.items():
-                            if ids and kind != "expired":
-                                log.warning("sweep: %s %s", kind, ", ".join(ids))
+                            for job_id in ids:
+                                log.log(logging.INFO if kind == "expired" else logging.WARNING, "sweep: %s job %s",
+                                        kind, job_id, extra={"job_id": job_id})  # fmt: skip
                 except redis.RedisError as exc:
+                    if self.on_redis_error is not None:
+                        self.on_redis_error()
                     log.warning("sweep skipped: %s", exc)
                 except Exception:  # noqa: BLE001 — the sweep must outlive any one bad record
                     log.exception("sweep failed")

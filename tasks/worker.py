@@ -7,6 +7,11 @@ generation events into ``update_state`` calls (:class:`Reporter`, following
 :mod:`tasks.protocol`) and ends the job through the lifecycle.  Celery stores nothing of
 this task itself (``ignore_result``): every result document is the lifecycle's.
 
+Results go to the results store (:mod:`tasks.results`): a local directory, or a bucket
+the :class:`tasks.uploader.Uploader` fills as the files are written.  Each worker process
+serves its own Prometheus metrics (:mod:`tasks.metrics`, ``FRAMEPACK_WORKER_METRICS_PORT``)
+and, with ``LOG_FORMAT=json``, logs one JSON object per line (:mod:`tasks.logs`).
+
 Redis outages: sampling never waits on Redis (:mod:`tasks.reporter` writes updates from
 its own thread, latest progress wins), the cancel check treats an unreachable Redis as
 "not cancelled", and the job's end is retried until Redis answers
@@ -29,13 +34,38 @@ from typing import Any
 import redis
 from celery import Task, shared_task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from celery.signals import task_revoked, worker_init, worker_process_init, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_init,
+    task_revoked,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from . import settings as settings_module
 from . import webhooks
 from .lifecycle import Lifecycle, holder_is_dead, worker_name
-from .protocol import INPUT_FILE, QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, flower_event, result_text
+from .logs import configure as configure_logs
+from .logs import job_context, use_json
+from .metrics import WorkerMetrics, chain, serve
+from .protocol import (
+    CHECKPOINT_FILE,
+    INPUT_FILE,
+    QUEUE,
+    TASK_NAME,
+    TERMINAL,
+    JobState,
+    Keys,
+    Reason,
+    flower_event,
+    result_text,
+)
 from .reporter import Reporter
+from .results import ResultsStore, StoreUnavailable, open_store
+from .uploader import Uploader
 
 log = logging.getLogger("framepack.worker")
 
@@ -57,11 +87,16 @@ class WorkerState:
         self._heartbeat: threading.Thread | None = None
         self._clients: dict[str, redis.Redis] = {}
         self._pid = os.getpid()
+        self.store: ResultsStore = open_store(self.settings)  # its bucket client is made per process
+        self.metrics = WorkerMetrics()
+        self.metrics_served = False
+        self.celeryd: Any = None  # the Celery worker (main process), once it starts
 
     def after_fork(self) -> None:
         self._clients = {}
         self._heartbeat = None
         self._pid = os.getpid()
+        self.metrics_served = False
 
     def _client(self, name: str, retry_seconds: float) -> redis.Redis:
         if self._pid != os.getpid():  # a fork we were not told of: never share a connection
@@ -98,6 +133,8 @@ class WorkerState:
             "ready": models is not None,
             "profile": models.profile.public_dict() if models else None,
             "device": models.placement.device if models else None,
+            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "metrics_port": self.settings.worker_metrics_port if self.metrics_served else None,
             "loaded_variants": models.loaded_variants if models else [],
             "job": self.current_job,
             "error": self.load_error,
@@ -126,11 +163,14 @@ def load_models() -> Any:
 
         if STATE.settings.torch_threads:
             torch.set_num_threads(STATE.settings.torch_threads)
+        t = time.perf_counter()
         profile = resolve_profile(STATE.settings.profile)
         log.warning("framepack worker: profile %s — %s", profile.name, profile.description)
         models = Models(profile)
         models.load_shared()
         models.transformer(Variant.FRAMEPACK)
+        STATE.metrics.model_load_seconds.observe(time.perf_counter() - t)
+        STATE.metrics.ready.set(1)
         STATE.models = models
         STATE.load_error = None
     _start_heartbeat()
@@ -168,6 +208,7 @@ def _start_heartbeat() -> None:
             try:
                 publish_heartbeat()
             except redis.RedisError as exc:  # keep beating through a Redis outage
+                STATE.metrics.redis_errors.labels("heartbeat").inc()
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(STATE.settings.heartbeat_seconds)
 
@@ -186,6 +227,13 @@ def _load_or_report() -> None:
     _start_heartbeat()
 
 
+def _serve_metrics() -> None:
+    """The worker's Prometheus endpoint, in the process that runs the jobs."""
+    port = STATE.settings.worker_metrics_port
+    if port and not STATE.metrics_served:
+        STATE.metrics_served = serve(STATE.metrics.registry, port, STATE.settings.worker_metrics_addr)
+
+
 @worker_process_init.connect
 def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
     """Load in the background: the pool kills a child that has not said it is up within
@@ -194,6 +242,7 @@ def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
     STATE.after_fork()
     if not STATE.runs_jobs:
         return
+    _serve_metrics()
     try:
         forget_dead_siblings()
     except redis.RedisError as exc:
@@ -213,8 +262,48 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:  # solo/threads pools run tasks in this very process
+    _quiet_term_handler()
     if "prefork" not in STATE.pool and STATE.runs_jobs:
+        _serve_metrics()
         _load_or_report()
+
+
+@celeryd_init.connect
+def _on_celeryd_init(instance: Any = None, **_: Any) -> None:
+    """``LOG_FORMAT=json`` from the first line: no banner ("celery@host ready." is logged
+    instead), warnings (Celery's "running as root") as log records, JSON until Celery sets
+    up its own handlers (which :func:`_on_setup_logger` turns JSON too)."""
+    if STATE.settings.log_format != "json":
+        return
+    if instance is not None:
+        instance.quiet = True
+        STATE.celeryd = instance
+    logging.captureWarnings(True)
+    configure_logs("json", STATE.settings.log_level)
+
+
+def _quiet_term_handler() -> None:
+    """Celery's SIGTERM handler writes "worker: Warm shutdown (MainProcess)" straight to the
+    terminal; in JSON mode it is installed again without that line, and
+    :func:`_on_shutting_down` logs it as JSON."""
+    from celery.apps import worker as celery_worker
+
+    if STATE.settings.log_format == "json" and STATE.celeryd is not None:
+        celery_worker.install_worker_term_handler(STATE.celeryd, verbose=False)
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(sig: Any = None, how: str = "", **_: Any) -> None:
+    if STATE.settings.log_format == "json":
+        log.warning("worker: %s shutdown (%s)", how, sig)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _on_setup_logger(logger: logging.Logger | None = None, **_: Any) -> None:
+    """``LOG_FORMAT=json``: Celery's handlers (and what it redirects from stdout) write JSON."""
+    if STATE.settings.log_format == "json" and logger is not None:
+        use_json([logger])
 
 
 @task_revoked.connect
@@ -271,6 +360,7 @@ def _cancel_check(job_id: str) -> Any:
         try:
             return bool(STATE.quick.exists(Keys.cancel(job_id)))
         except redis.RedisError:
+            STATE.metrics.redis_errors.labels("cancel_check").inc()
             return False
 
     return cancelled
@@ -280,6 +370,11 @@ def _cancel_check(job_id: str) -> Any:
 def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
     """Run one job.  Returns the short summary Flower shows; the full final meta is the
     lifecycle's result document."""
+    with job_context(job_id):
+        return _deliver(self, job_id, params)
+
+
+def _deliver(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
     lc = STATE.lifecycle(self)
     start = lc.start(job_id, worker_name())
     if start.verdict == "ended" and start.record and JobState(start.record["state"]) in TERMINAL:
@@ -298,17 +393,34 @@ def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> str | Non
     reporter = Reporter(self, job_id, lc, record.get("started_at") or time.time(), last_seq,
                         attempts=start.attempts, hostname=self.request.hostname,
                         progress_interval=STATE.settings.progress_interval, record=record,
-                        sections_done=previous.get("sections_done") or [])  # fmt: skip
+                        sections_done=previous.get("sections_done") or [],
+                        on_drop=STATE.metrics.redis_errors.labels("update").inc)  # fmt: skip
+    uploader = Uploader(STATE.store, job_id, reporter.on_event, STATE.metrics)
     STATE.current_job = job_id
+    STATE.metrics.busy.set(1)
+    began = time.monotonic()
+    outcome = JobState.FAILED
+    log.info("job %s runs on %s (delivery %d)", job_id, worker_name(), start.attempts)
     try:
-        return _run(reporter, lc, job_id, params, record.get("extends"))
+        outcome, text = _run(reporter, uploader, lc, job_id, params, record.get("extends"))
     finally:
         reporter.close()
+        uploader.release()
         STATE.current_job = None
+        STATE.metrics.busy.set(0)
+        STATE.metrics.jobs.labels(outcome.value).inc()
+        STATE.metrics.job_seconds.labels(outcome.value).observe(time.monotonic() - began)
+        log.info("job %s %s in %.1f s", job_id, outcome.value, time.monotonic() - began)
+    if text is None:  # ended other than by succeeding: the lifecycle wrote (and announced) the end
+        raise Ignore()
+    return text
 
 
-def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any], extends: str | None) -> str | None:
-    out_dir = STATE.settings.results_dir / job_id
+def _run(reporter: Reporter, uploader: Uploader, lc: Lifecycle, job_id: str, params: dict[str, Any],
+         extends: str | None) -> tuple[JobState, str | None]:  # fmt: skip
+    """Generate, store the files, end the job.  Returns how it ended and, for a success,
+    Flower's summary (Celery announces task-succeeded with it)."""
+    out_dir = uploader.directory
     try:
         models = load_models()  # first: waits for a background load still running
         from diffusers_helper.generate import OutputLayout, generate
@@ -320,16 +432,31 @@ def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any],
         end_image = _open_image(end_bytes, "end image") if end_bytes is not None else None
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / INPUT_FILE).write_bytes(image_bytes)
+        uploader.publish(out_dir / INPUT_FILE)
+        output = OutputLayout(out_dir, "video")
+        if not output.checkpoint.is_file():  # redelivered to another host: its last checkpoint is in the store
+            STATE.store.local_copy(job_id, CHECKPOINT_FILE, output.checkpoint)
+        extend_from = None
+        if extends:  # the job it continues: that job's last checkpoint (a download from a bucket)
+            extend_from = STATE.store.local_copy(extends, CHECKPOINT_FILE, out_dir / f".extends-{CHECKPOINT_FILE}")
+            if extend_from is None:
+                raise ValueError(f"extend: job {extends} has no section checkpoint any more (expired or deleted)")
         result = generate(
-            job, image, reporter.on_event, _cancel_check(job_id),
-            models=models, output=OutputLayout(out_dir, "video"), end_image=end_image,
-            lora_dir=STATE.settings.lora_dir, resume=True,  # a redelivered job goes on after its last section
-            extend_from=OutputLayout(STATE.settings.results_dir / extends, "video").checkpoint if extends else None,
+            job, image, chain(STATE.metrics.timer().on_event, uploader.on_event), _cancel_check(job_id),
+            models=models, output=output, end_image=end_image, lora_dir=STATE.settings.lora_dir,
+            resume=True,  # a redelivered job goes on after its last section
+            extend_from=extend_from,
         )  # fmt: skip
+        uploader.finish()  # every file stored before the end is announced
     except Exception as exc:  # noqa: BLE001 — every failure becomes a readable final state
         log.exception("job %s failed", job_id)
+        if not isinstance(exc, StoreUnavailable):
+            try:
+                uploader.finish()  # the sections written before the failure stay downloadable
+            except StoreUnavailable as store_exc:
+                log.warning("job %s: %s", job_id, store_exc)
         lc.finish_patiently(job_id, JobState.FAILED, error=readable(exc), fields=reporter.close())
-        raise Ignore() from None
+        return JobState.FAILED, None
 
     summary = {
         "video": result.video.name if result.video else None,
@@ -350,9 +477,10 @@ def _run(reporter: Reporter, lc: Lifecycle, job_id: str, params: dict[str, Any],
     if result.status == "cancelled":
         lc.finish_patiently(job_id, JobState.CANCELLED, reason=Reason.CANCELLED, result=summary,
                             fields=reporter.close())  # fmt: skip
-        raise Ignore()
+        return JobState.CANCELLED, None
     meta = lc.finish_patiently(job_id, JobState.SUCCEEDED, result=summary, fields=reporter.close(),
                                announce=False)  # fmt: skip
     if meta is None:  # ended meanwhile (a stalled job the sweep failed): that verdict stays
-        raise Ignore()
-    return result_text(meta)  # Celery announces task-succeeded with this as Flower's Result
+        record = lc.record(job_id) or {}
+        return JobState(record.get("state") or JobState.FAILED.value), None
+    return JobState.SUCCEEDED, result_text(meta)

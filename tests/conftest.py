@@ -48,12 +48,15 @@ def png_bytes(height: int = 80, width: int = 80, seed: int = 0) -> bytes:
 
 
 class LiveStack:
-    """A running Valkey + Celery worker + gunicorn web tier (what `make run` starts)."""
+    """A running Valkey + Celery worker(s) + gunicorn web tier (what `make run` starts)."""
 
     def __init__(self, base: str, redis_url: str, root: Path, env: dict[str, str], valkey=None):
         self.base, self.redis_url, self.root, self.env = base, redis_url, root, env
         self.ws_base = base.replace("http://", "ws://")
         self.valkey = valkey
+        self.workers: list = []  # stack.Proc, one per worker
+        self.worker_envs: list[dict[str, str]] = []
+        self.web = None  # stack.Proc
 
     def redis(self):
         import redis
@@ -112,12 +115,30 @@ STACK_ENV = {
 
 @contextlib.contextmanager
 def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None = None, password: str | None = None,
-                  threads: int = 400):  # fmt: skip
-    """Valkey (append-only, restartable on its port) + one worker + the webhook worker + the web tier, in ``root``.
+                  threads: int = 400, gpus: str = "", web_processes: int = 1, worker_env: dict[str, str] | None = None,
+                  web_env: dict[str, str] | None = None, worker_metrics: bool = False,
+                  disk_per_worker: bool = False):  # fmt: skip
+    """Valkey (append-only, restartable on its port) + the workers + the webhook worker + the web tier, in ``root``.
 
+    ``gpus`` starts one worker per listed device as ``make run GPUS=...`` does (one worker
+    without); ``worker_env`` and ``web_env`` are added to one side only; ``worker_metrics``
+    gives each worker a free metrics port (its ``FRAMEPACK_WORKER_METRICS_PORT``);
+    ``disk_per_worker`` gives each worker its own ``disk-<name>`` as ``RESULTS_DIR`` and
+    ``FRAMEPACK_WORK_DIR``, as workers on separate hosts have.
     With ``password``, every process connects as an ACL user ``framepack`` with it (the
     default user stays open for the embedded server's own readiness check)."""
-    from stack import Proc, Valkey, free_port, stack_env, wait_http, web_command, webhook_worker_command, worker_command
+    from stack import (
+        Proc,
+        Valkey,
+        free_port,
+        parse_gpus,
+        stack_env,
+        wait_http,
+        web_command,
+        webhook_worker_command,
+        worker_command,
+        worker_specs,
+    )
 
     config = {"user": f"framepack on >{password} ~* &* +@all"} if password else {}
     auth = f"framepack:{password}@" if password else ""
@@ -131,10 +152,19 @@ def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None =
                                                      **(extra_env or {})})  # fmt: skip
         live = LiveStack(f"http://127.0.0.1:{port}", redis_url, root, env, valkey)
         stack.callback(lambda: live.valkey.__exit__(None, None, None))  # the one running now
-        stack.enter_context(Proc(worker_command(), env, root / "worker.log", echo=False, name="worker"))
+        for spec in worker_specs(parse_gpus(gpus)):
+            wenv = {**env, **spec.env, **(worker_env or {})}
+            if disk_per_worker:
+                wenv["RESULTS_DIR"] = wenv["FRAMEPACK_WORK_DIR"] = str(root / f"disk-{spec.name}")
+            if worker_metrics:
+                wenv["FRAMEPACK_WORKER_METRICS_PORT"] = str(free_port())
+            live.worker_envs.append(wenv)
+            live.workers.append(stack.enter_context(Proc(worker_command(hostname=spec.hostname), wenv,
+                                                         root / f"{spec.name}.log", echo=False, name=spec.name)))
         stack.enter_context(Proc(webhook_worker_command(), env, root / "webhooks.log", echo=False, name="webhooks"))
-        web = stack.enter_context(Proc(web_command(port, threads=threads), env, root / "web.log", echo=False,
-                                       name="web"))  # fmt: skip
+        web = stack.enter_context(Proc(web_command(port, threads=threads, processes=web_processes),
+                                       {**env, **(web_env or {})}, root / "web.log", echo=False, name="web"))
+        live.web = web
         wait_http(live.base + "/readyz", 180, proc=web)
         print(f"\nstack: {live.base} (logs in {root})")
         yield live

@@ -72,6 +72,9 @@ def test_web_command_flags() -> None:
                         ("--timeout", "120"), ("--graceful-timeout", "5")):
         assert cmd[cmd.index(flag) + 1] == value
     assert web_command(1)[web_command(1).index("--threads") + 1] == "200"
+    assert cmd[cmd.index("-c") + 1] == "python:gunicorn_conf"  # metrics across processes, JSON logs
+    several = web_command(1, processes=3)
+    assert several[several.index("-w") + 1] == "3"
 
 
 def test_stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,13 +14,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify, send_from_directory
+from flask import Flask, Response, g, jsonify, request, send_from_directory
 from flask_swagger_ui import get_swaggerui_blueprint
 
 from diffusers_helper import lora_files
+from tasks import logs
 from tasks import settings as settings_module
 
-from . import api, auth, compat, errors, openapi, ws
+from . import api, auth, compat, errors, metrics, openapi, ws
 from .service import Service
 
 log = logging.getLogger("framepack.web")
@@ -32,13 +33,14 @@ def _settings(config: dict[str, Any]) -> settings_module.Settings:
         url = config["REDIS_URL"]
         s = dataclasses.replace(s, redis_url=url, broker_url=url, result_backend=url)
     if "RESULTS_DIR" in config:
-        s = dataclasses.replace(s, results_dir=Path(config["RESULTS_DIR"]).resolve())
+        s = dataclasses.replace(s, results_url="", results_dir=Path(config["RESULTS_DIR"]).resolve())
     return s
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     config = dict(config or {})
     s = _settings(config)
+    logs.configure(s.log_format, s.log_level)
     app = Flask(__name__)
     app.json.sort_keys = False  # snapshots read in their own order
     app.config.update(
@@ -58,7 +60,21 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     toks = auth.init_app(app, s.api_tokens)
     app.register_blueprint(api.bp)
     app.register_blueprint(compat.bp)
+    app.register_blueprint(metrics.bp)
     ws.init_app(app)
+
+    @app.before_request
+    def _job_context() -> None:
+        """Every log line while a request about a job is served carries its id."""
+        job_id = (request.view_args or {}).get("job_id")
+        if job_id:
+            g.job_log_token = logs.CURRENT_JOB.set(job_id)
+
+    @app.teardown_request
+    def _end_job_context(_exc: BaseException | None) -> None:
+        token = g.pop("job_log_token", None)
+        if token is not None:
+            logs.CURRENT_JOB.reset(token)
 
     @app.get("/")
     @app.get("/jobs/<job_id>")
@@ -93,5 +109,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # out of the collector's way, so full collections stay short under many sockets.
     gc.freeze()
     noise = " (tiny: videos are noise)" if s.profile == settings_module.DEFAULT_PROFILE else ""
-    log.warning("framepack web tier: profile %s%s; Redis %s", s.profile, noise, settings_module.mask_url(s.store_url))
+    log.warning("framepack web tier: profile %s%s; Redis %s; results %s", s.profile, noise,
+                settings_module.mask_url(s.store_url), service.store.url)  # fmt: skip
     return app

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import ValidationError
 
 from diffusers_helper import lora_files
@@ -22,6 +22,7 @@ from tasks.lifecycle import QueueFull
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState
 from tasks.webhooks import WebhookRefused, WebhookSpec, check_url
 
+from . import files
 from .auth import Principal, principal, tokens
 from .errors import ApiError, from_image, from_validation, not_found
 from .service import Service
@@ -246,13 +247,16 @@ def extend_job(job_id: str) -> Response:
     ext = ExtendParams.model_validate(body)
     if view["state"] != JobState.SUCCEEDED.value:
         raise ApiError(409, f"state: only a succeeded job can be extended; this one is {view['state']}", "state")
-    if not service().checkpoint_path(job_id).is_file():
+    if not service().has_checkpoint(job_id):
         raise ApiError(409, "state: this job has no section checkpoint to continue from (made before checkpoints, "
                             "or its files expired)", "state")  # fmt: skip
     params = service().extension_params(view, ext)
     check_role_limits(params, principal())
-    with queue_errors():
-        new = service().extend(job_id, params, owner=principal().owner)
+    try:
+        with queue_errors():
+            new = service().extend(job_id, params, owner=principal().owner)
+    except FileNotFoundError:
+        raise ApiError(409, "state: this job's input image is no longer stored", "state") from None
     resp = jsonify(new)
     resp.status_code = 202
     resp.headers["Location"] = new["links"]["self"]
@@ -268,11 +272,17 @@ def delete_job(job_id: str) -> Response:
     return Response(status=204)
 
 
+def _file(job_id: str, name: str | None, field: str) -> Response:
+    """A result file with Range, from the results store (a 302 to the bucket when configured)."""
+    if not name:
+        raise ApiError(404, f"{field}: no such file (yet)", field)
+    svc = service()
+    seconds = svc.settings.presign_seconds if svc.settings.results_redirect else 0
+    return files.serve(svc.store, job_id, name, field, redirect_seconds=seconds)
+
+
 def _mp4(job_id: str, name: str | None) -> Response:
-    path = service().job_dir(job_id) / name if name else None
-    if path is None or not path.is_file():
-        raise ApiError(404, "video: no such video (yet)", "video")
-    return send_file(path, mimetype="video/mp4", conditional=True, max_age=0)
+    return _file(job_id, name, "video")
 
 
 @bp.get("/api/jobs/<job_id>/video")
@@ -298,13 +308,10 @@ def job_section(job_id: str, k: int) -> Response:
 @bp.get("/api/jobs/<job_id>/input")
 def job_input(job_id: str) -> Response:
     view_or_404(job_id)
-    data = service().read_input(job_id)
+    data = service().read_input(job_id)  # in Redis while the job is queued or running
     if data is not None:
         return Response(data, mimetype="image/png")
-    path = service().job_dir(job_id) / INPUT_FILE
-    if not path.is_file():
-        raise ApiError(404, "input: no longer available", "input")
-    return send_file(path, mimetype="image/png")
+    return _file(job_id, INPUT_FILE, "input")
 
 
 #: Entries a batch may hold.
@@ -354,9 +361,9 @@ def create_batch() -> Response:
         raise ApiError(422, f"jobs: at most {MAX_BATCH} entries per batch", "jobs")
     lora_dir = service().settings.lora_dir
     valid, errors = [], []
-    for index, (fields, files) in enumerate(entries):
+    for index, (fields, uploads) in enumerate(entries):
         try:
-            params, image, end, webhook = parse_submission(fields, files, lora_dir)
+            params, image, end, webhook = parse_submission(fields, uploads, lora_dir)
             valid.append((index, params, image, end, webhook))
         except ValidationError as exc:
             err = from_validation(exc)

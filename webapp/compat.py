@@ -21,17 +21,18 @@ import base64
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context, url_for
+from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 from pydantic import TypeAdapter, ValidationError
 
 from diffusers_helper import lora_files
 from diffusers_helper.params import MAX_SEED, JobParams
 from tasks.lifecycle import QueueFull
-from tasks.protocol import TERMINAL, JobState, Keys
+from tasks.protocol import INPUT_FILE, TERMINAL, JobState, Keys
 
+from . import files
 from .api import QUEUE_RETRY_AFTER, parse_webhook, visible_owner
 from .auth import principal
 from .errors import ApiError
@@ -218,11 +219,8 @@ def status(job_id: str) -> Response:
 
 
 def _input_png(job_id: str) -> bytes | None:
-    data = service().read_input(job_id)
-    if data is not None:
-        return data
-    path = service().job_dir(job_id) / "input.png"
-    return path.read_bytes() if path.is_file() else None
+    data = service().read_input(job_id)  # in Redis while the job is queued or running
+    return data if data is not None else service().store.read_all(job_id, INPUT_FILE)
 
 
 @bp.get("/result/<job_id>")
@@ -238,24 +236,32 @@ def result(job_id: str) -> Response:
                     "thumbnail_base64": thumbnail})  # fmt: skip
 
 
-def _video_path(job_id: str) -> Path | None:
+def _video_name(job_id: str) -> str | None:
+    """The final video's file name in the results store, if it is there."""
     record = service().record(job_id) or {}
     name = (record.get("result") or {}).get("video")
-    path = service().job_dir(job_id) / name if name else None
-    return path if path is not None and path.is_file() else None
+    return name if name and service().store.stat(job_id, name) is not None else None
+
+
+def _serve_video(job_id: str, name: str, disposition: str) -> Response:
+    """From the results store with Range (or a 302 to the bucket), as a named download."""
+    svc = service()
+    seconds = svc.settings.presign_seconds if svc.settings.results_redirect else 0
+    resp = files.serve(svc.store, job_id, name, "video", redirect_seconds=seconds)
+    if resp.status_code != 302:
+        resp.headers["Content-Disposition"] = disposition
+    return resp
 
 
 @bp.get("/download/video/<job_id>")
 def download_video(job_id: str) -> Response:
     view = _view(job_id)
-    path = _video_path(job_id) if view and view["state"] == JobState.SUCCEEDED.value else None
-    if path is None:
+    name = _video_name(job_id) if view and view["state"] == JobState.SUCCEEDED.value else None
+    if name is None:
         if view is None:
             raise LegacyError(404, f"Video file for job '{job_id}' not found.")
         raise LegacyError(404, f"Video file for job '{job_id}' not found, status is '{legacy_word(view)}'.")
-    resp = send_file(path, mimetype="video/mp4", conditional=True, max_age=0)
-    resp.headers["Content-Disposition"] = f'attachment; filename="{job_id}.mp4"'  # as Starlette writes it
-    return resp
+    return _serve_video(job_id, name, f'attachment; filename="{job_id}.mp4"')  # as Starlette writes it
 
 
 @bp.get("/input_image/<job_id>")
@@ -324,11 +330,8 @@ def cleanup_jobs() -> Response:
 # -- videos ------------------------------------------------------------------------------------
 @bp.get("/videos")
 def videos() -> Response:
-    names = []
-    for job_id in service().succeeded_ids(visible_owner()):
-        if _video_path(job_id) is not None:
-            names.append(f"{job_id}.mp4")
-    return jsonify(sorted(names))
+    # a succeeded job's video was stored before its end was written, and goes with its record
+    return jsonify(sorted(f"{job_id}.mp4" for job_id in service().succeeded_ids(visible_owner())))
 
 
 @bp.get("/videos/<path:filename>")
@@ -338,10 +341,10 @@ def video_file(filename: str) -> Response:
     if not filename.lower().endswith(".mp4"):
         raise LegacyError(400, "Invalid file type, only MP4 is supported.")
     view = _view(filename[: -len(".mp4")])
-    path = _video_path(view["id"]) if view and view["state"] == JobState.SUCCEEDED.value else None
-    if path is None:
+    name = _video_name(view["id"]) if view and view["state"] == JobState.SUCCEEDED.value else None
+    if name is None:
         raise LegacyError(404, "Video file not found")
-    return send_file(path, mimetype="video/mp4", download_name=filename, conditional=True, max_age=0)
+    return _serve_video(view["id"], name, f'inline; filename="{filename}"')
 
 
 def _sse(event: str | None, data: Any) -> str:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from diffusers_helper.params import field_errors
+from tasks.results import StoreUnavailable
 
 from .uploads import ImageError
 
@@ -97,8 +98,17 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(redis.RedisError)
     def _store_down(exc: redis.RedisError) -> Response:
+        service = app.extensions.get("framepack")
+        if service is not None:
+            service.metrics.redis_errors.labels("request").inc()
         log.warning("Redis unavailable: %s", exc)
         return error_response(ApiError(503, f"the job store (Redis) is unavailable: {exc}; retry shortly",
+                                       headers={"Retry-After": "5"}))  # fmt: skip
+
+    @app.errorhandler(StoreUnavailable)
+    def _results_down(exc: StoreUnavailable) -> Response:
+        log.warning("results store unavailable: %s", exc)
+        return error_response(ApiError(503, f"the results store is unavailable: {exc}; retry shortly",
                                        headers={"Retry-After": "5"}))  # fmt: skip
 
     @app.errorhandler(HTTPException)

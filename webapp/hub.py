@@ -248,8 +248,10 @@ Transform = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 class JobHub:
-    def __init__(self, redis_url: str, decorate: Transform, poll_interval: float = 2.0):
-        """``decorate(job_id, meta)`` adds URLs etc. to a meta before it is encoded."""
+    def __init__(self, redis_url: str, decorate: Transform, poll_interval: float = 2.0, metrics: Any = None):
+        """``decorate(job_id, meta)`` adds URLs etc. to a meta before it is encoded;
+        ``metrics`` (:class:`webapp.metrics.WebMetrics`) counts watchers and preview latency."""
+        self.metrics = metrics
         self.redis = redis.Redis.from_url(redis_url)
         self.decorate = decorate
         self.poll_interval = poll_interval
@@ -271,7 +273,10 @@ class JobHub:
         read afterwards misses nothing: later updates arrive here, earlier ones are in it."""
         with self._lock:
             first = channel not in self._watchers
-            self._watchers.setdefault(channel, set()).add(outbox)
+            group = self._watchers.setdefault(channel, set())
+            if outbox not in group and self.metrics is not None:
+                self.metrics.watchers.inc()
+            group.add(outbox)
             if first:
                 self._subscribed[channel] = threading.Event()
                 self._changes.append(("sub", channel))
@@ -282,9 +287,11 @@ class JobHub:
     def unwatch(self, channel: str, outbox: Outbox) -> None:
         with self._lock:
             group = self._watchers.get(channel)
-            if group is None:
+            if group is None or outbox not in group:
                 return
             group.discard(outbox)
+            if self.metrics is not None:
+                self.metrics.watchers.dec()
             if not group:
                 del self._watchers[channel]
                 self._subscribed.pop(channel, None)
@@ -316,6 +323,8 @@ class JobHub:
             try:
                 self._listen()
             except redis.RedisError as exc:
+                if self.metrics is not None:
+                    self.metrics.redis_errors.labels("hub").inc()
                 log.warning("hub lost Redis (%s); reconnecting", exc)
                 time.sleep(0.5)
 
@@ -337,7 +346,7 @@ class JobHub:
             if msg is None:
                 pass
             elif msg["type"] == "message":
-                self._dispatch(msg["channel"].decode(), msg["data"])
+                self._dispatch(msg["channel"].decode(), msg["data"], live=True)
             elif msg["type"] == "subscribe":
                 with self._lock:
                     confirmed = self._subscribed.get(msg["channel"].decode())
@@ -358,7 +367,8 @@ class JobHub:
             if raw is not None:
                 self._dispatch(channel, raw)
 
-    def _dispatch(self, channel: str, raw: bytes) -> None:
+    def _dispatch(self, channel: str, raw: bytes, live: bool = False) -> None:
+        """``live``: just published (a poll's re-read of an older update is not latency)."""
         if channel.startswith(CELERY_META_PREFIX):
             item = self._job_item(channel[len(CELERY_META_PREFIX) :], raw)
         else:
@@ -372,6 +382,8 @@ class JobHub:
         for box in to_wake:
             box.wake()
         self.stats["delivered"] += len(outboxes)
+        if live and outboxes and self.metrics is not None and item.data.get("preview") and item.data.get("emitted_at"):
+            self.metrics.preview_latency.observe(max(0.0, time.time() - float(item.data["emitted_at"])))
 
     def _job_item(self, job_id: str, raw: bytes) -> Item | None:
         state, meta = parse_celery_payload(raw)

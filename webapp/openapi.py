@@ -186,6 +186,9 @@ def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
                 "headers": retry_after}  # fmt: skip
     job = _json(_ref("Job"), "The job's snapshot")
     mp4 = {"description": "video/mp4 (supports HTTP Range)", "content": {"video/mp4": {"schema": binary}}}
+    png = {"description": "image/png (supports HTTP Range)", "content": {"image/png": {"schema": binary}}}
+    presigned = {"description": "Results in a bucket with FRAMEPACK_RESULTS_REDIRECT: a short-lived presigned URL "
+                 "(Location) serves the file", "headers": {"Location": {"schema": {"type": "string"}}}}  # fmt: skip
     common = {"503": unavailable}
 
     def responses(**codes: Any) -> dict[str, Any]:
@@ -256,17 +259,18 @@ def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
                             if k != "prompts"}}}}},
                 "responses": responses(_202=job, _400=err, _404=not_found, _409=err, _422=err, _429=too_many)}},
             "/api/jobs/{job_id}/video": {"get": {"summary": "Final video (409 until the job succeeded)",
-                "parameters": job_id, "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"},
+                "parameters": job_id, "responses": responses(_200=mp4, _206=mp4, _302=presigned,
+                                                             _304={"description": "Not modified"},
                                                              _404=not_found, _409=err, _416=err)}},
             "/api/jobs/{job_id}/sections/{k}": {"get": {"summary": "The video as written after section k (409 while "
                 "the job may still write it)",
                 "parameters": job_id + [{"name": "k", "in": "path", "required": True,
                                           "schema": {"type": "integer", "minimum": 0}}],
-                "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"}, _404=not_found,
-                                       _409=err, _416=err)}},
+                "responses": responses(_200=mp4, _206=mp4, _302=presigned, _304={"description": "Not modified"},
+                                       _404=not_found, _409=err, _416=err)}},
             "/api/jobs/{job_id}/input": {"get": {"summary": "Normalised input image", "parameters": job_id,
-                "responses": responses(_200={"description": "image/png", "content": {"image/png": {"schema": binary}}},
-                                       _304={"description": "Not modified"}, _404=not_found)}},
+                "responses": responses(_200=png, _206=png, _302=presigned, _304={"description": "Not modified"},
+                                       _404=not_found, _416=err)}},
             "/api/batches": {"post": {
                 "summary": "Submit a batch: several images with shared fields, or a list of job specs",
                 "requestBody": {"required": True, "content": {
@@ -295,6 +299,10 @@ def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
                                    "responses": responses(_200=_json({"type": "object"}, "LoRAs"))}},
             "/api/info": {"get": {"summary": "Live workers, their model profile and device; settings",
                                   "responses": responses(_200=_json({"type": "object"}, "Info"))}},
+            "/metrics": {"get": {"summary": "Prometheus text: jobs by state, queue depth, workers (from Redis), "
+                                 "watchers, preview latency, Redis errors (summed over the web processes)",
+                                 "responses": responses(_200={"description": "Prometheus exposition format",
+                                                              "content": {"text/plain": {"schema": {"type": "string"}}}})}},
             "/healthz": {"get": {"summary": "Process up", "responses": {"200": _json({"type": "object"}, "OK")}}},
             "/readyz": {"get": {"summary": "Broker answers and a worker with its model consumes 'gpu'",
                                 "responses": {"200": _json({"type": "object"}, "Ready"),
@@ -318,8 +326,9 @@ def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
                 "responses": responses(_200=_json({"type": "object", "required": ["video_url"]}, "Result"),
                                        _404=legacy_err)}},
             "/download/video/{job_id}": {"get": {"summary": "Original API: download the video (attachment)",
-                "parameters": job_id, "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"},
-                                                             _404=legacy_err, _416=legacy_err)}},
+                "parameters": job_id, "responses": responses(_200=mp4, _206=mp4, _302=presigned,
+                                                             _304={"description": "Not modified"}, _404=legacy_err,
+                                                             _416=legacy_err)}},
             "/input_image/{job_id}": {"get": {"summary": "Original API: the input image (JPEG)", "parameters": job_id,
                 "responses": responses(_200={"description": "image/jpeg",
                                              "content": {"image/jpeg": {"schema": binary}}}, _404=legacy_err)}},
@@ -338,8 +347,8 @@ def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
             "/videos/{filename}": {"get": {"summary": "Original API: a finished video by file name",
                 "parameters": [{"name": "filename", "in": "path", "required": True,
                                 "schema": {"type": "string", "pattern": r"^[A-Za-z0-9_-]+\.mp4$"}}],
-                "responses": responses(_200=mp4, _206=mp4, _304={"description": "Not modified"}, _400=legacy_err,
-                                       _404=legacy_err, _416=legacy_err)}},
+                "responses": responses(_200=mp4, _206=mp4, _302=presigned, _304={"description": "Not modified"},
+                                       _400=legacy_err, _404=legacy_err, _416=legacy_err)}},
             "/video_stream": {"get": {"summary": "Original API: Server-Sent Events naming each new video",
                                       "responses": responses(_200={"description": "text/event-stream",
                                           "content": {"text/event-stream": {"schema": SSE_EVENT}}})}},

@@ -11,11 +11,10 @@ the sweep (:mod:`tasks.sweeper`) runs in a background thread of one web process.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -25,12 +24,27 @@ from diffusers_helper.params import ExtendParams, JobParams
 from tasks import webhooks
 from tasks.app import make_celery
 from tasks.lifecycle import Lifecycle, QueueFull, decode_record, new_job_id
-from tasks.protocol import INPUT_FILE, QUEUE, TASK_NAME, TERMINAL, JobState, Keys, Reason, parse_celery_payload
+from tasks.metrics import ClusterCollector
+from tasks.protocol import (
+    CHECKPOINT_FILE,
+    INPUT_FILE,
+    QUEUE,
+    TASK_NAME,
+    TERMINAL,
+    JobState,
+    Keys,
+    Reason,
+    parse_celery_payload,
+)
+from tasks.results import ResultsStore, open_store
 from tasks.settings import Settings, connect
 from tasks.snapshot import batch_links, build_view, decorate, summary_of
 from tasks.sweeper import Broker, Sweeper
 
 from .hub import JobHub
+from .metrics import WebMetrics
+
+log = logging.getLogger("framepack.web")
 
 #: The Celery hostname of events the web tier sends (Flower lists it as a worker).
 EVENTS_HOSTNAME = f"framepack-web@{socket.gethostname()}"
@@ -40,12 +54,17 @@ class Service:
     def __init__(self, settings: Settings, celery: Celery | None = None, poll_interval: float = 2.0):
         self.settings = settings
         self.redis = connect(settings.store_url, settings.redis_retry_seconds, max_connections=1000)
-        self.hub = JobHub(settings.store_url, decorate, poll_interval)
+        self.metrics = WebMetrics()
+        self.hub = JobHub(settings.store_url, decorate, poll_interval, metrics=self.metrics)
         self.celery = celery or make_celery(client=True)
-        self.results_dir = settings.results_dir
+        self.store: ResultsStore = open_store(settings)
         self.lifecycle = Lifecycle(self.redis, settings, self._announce, webhooks.dispatcher(self.celery))
         nodes = lambda: {w["node"] for w in self.workers() if w.get("node")}  # noqa: E731
-        self.sweeper = Sweeper(self.lifecycle, Broker(self.celery, nodes), self.remove_files)
+        broker = Broker(self.celery, nodes)
+        self.sweeper = Sweeper(self.lifecycle, broker, self.remove_files,
+                               on_redis_error=self.metrics.redis_errors.labels("sweep").inc)  # fmt: skip
+        quick = connect(settings.store_url, 0)  # a scrape during an outage answers at once (redis_up 0)
+        self.metrics.cluster = ClusterCollector(quick, broker.depth, lambda: self.workers(quick))
 
     def _announce(self, job_id: str, event: str, fields: dict[str, Any]) -> None:
         """A Celery task event from the web tier (a job it ended), so Flower shows the end."""
@@ -69,6 +88,7 @@ class Service:
         except Exception:
             self.lifecycle.discard(job_id, owner)
             raise
+        log.info("job %s queued at position %s", job_id, view.get("position"), extra={"job_id": job_id})
         return view
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
@@ -122,9 +142,10 @@ class Service:
                 self.cancel(job_id)
         return self.batch_view(batch_id)
 
-    def checkpoint_path(self, job_id: str) -> Path:
-        """Where the worker keeps a job's last section checkpoint (``diffusers_helper.checkpoint``)."""
-        return self.job_dir(job_id) / "video-checkpoint.safetensors"
+    def has_checkpoint(self, job_id: str) -> bool:
+        """Whether the job's last section checkpoint is in the results store (what an
+        extension continues from; ``diffusers_helper.checkpoint``)."""
+        return self.store.stat(job_id, CHECKPOINT_FILE) is not None
 
     def extension_params(self, original: dict[str, Any], ext: ExtendParams) -> JobParams:
         """The parameters of a job that continues ``original`` (a finished job's snapshot)
@@ -140,24 +161,27 @@ class Service:
         return JobParams.model_validate(params)
 
     def extend(self, job_id: str, params: JobParams, *, owner: str | None = None) -> dict[str, Any]:
-        """Submit ``params`` (:meth:`extension_params`) as a job extending ``job_id``, from its input."""
-        image = (self.job_dir(job_id) / INPUT_FILE).read_bytes()
+        """Submit ``params`` (:meth:`extension_params`) as a job extending ``job_id``, from its
+        input.  Raises FileNotFoundError when that input is no longer stored."""
+        image = self.store.read_all(job_id, INPUT_FILE)
+        if image is None:
+            raise FileNotFoundError(f"{job_id}/{INPUT_FILE}")
         return self.submit(params, image, None, owner=owner, extends=job_id)
 
     def delete(self, job_id: str) -> None:
-        self.lifecycle.delete(job_id)
+        """Files first: if the store cannot be reached the job stays, and a retry finishes it."""
         self.remove_files(job_id)
+        self.lifecycle.delete(job_id)
 
     def remove_files(self, job_id: str) -> None:
-        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        """The job's files in the results store (deleted or expired jobs)."""
+        count = self.store.delete(job_id)
+        log.info("job %s: %d result file(s) removed from %s", job_id, count, self.store.url, extra={"job_id": job_id})
 
     def start_sweeper(self) -> None:
         self.sweeper.start(owner=f"{socket.gethostname()}:{os.getpid()}")
 
     # -- reads --------------------------------------------------------------------------
-    def job_dir(self, job_id: str) -> Path:
-        return self.results_dir / job_id
-
     def record(self, job_id: str) -> dict[str, Any] | None:
         return self.lifecycle.record(job_id)
 
@@ -228,12 +252,13 @@ class Service:
     def read_input(self, job_id: str) -> bytes | None:
         return self.redis.get(Keys.input(job_id))
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self, client: redis.Redis | None = None) -> list[dict[str, Any]]:
+        r = client or self.redis
         alive_since = time.time() - self.settings.heartbeat_ttl
-        names = [n.decode() for n in self.redis.zrangebyscore(Keys.WORKERS, alive_since, "+inf")]
+        names = [n.decode() for n in r.zrangebyscore(Keys.WORKERS, alive_since, "+inf")]
         if not names:
             return []
-        return [json.loads(raw) for raw in self.redis.mget([Keys.worker(n) for n in names]) if raw]
+        return [json.loads(raw) for raw in r.mget([Keys.worker(n) for n in names]) if raw]
 
     def ready(self) -> tuple[bool, str]:
         try:

@@ -1,0 +1,57 @@
+"""gunicorn settings for the web tier: ``gunicorn -c python:gunicorn_conf 'webapp:create_app()'``.
+
+- **Metrics under several processes**: prometheus-client's multiprocess mode needs
+  ``PROMETHEUS_MULTIPROC_DIR`` set before any process imports it, empty at start, and dead
+  workers' live gauges dropped.  This module runs in the gunicorn master before it forks:
+  it uses the directory given (wiping what a previous run left) or makes a private one,
+  and :func:`child_exit` marks each exited worker dead.
+- **Logs**: with ``LOG_FORMAT=json`` gunicorn's own lines (start-up, worker boots, the
+  access log when enabled) are JSON too, like the application's (``tasks/logs.py``).
+
+Everything else (bind, workers, threads) stays on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_made = not _dir
+if _dir:
+    _path = Path(_dir)
+    if _path.is_dir():
+        for _stale in _path.glob("*.db"):  # a previous run's counters are not this run's
+            _stale.unlink(missing_ok=True)
+    _path.mkdir(parents=True, exist_ok=True)
+else:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _dir = tempfile.mkdtemp(prefix="framepack-prometheus-")
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _made:  # only the directory made here
+        shutil.rmtree(_dir, ignore_errors=True)
+
+
+if (os.environ.get("LOG_FORMAT") or "").strip().lower() == "json":
+    _handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "tasks.logs.JsonFormatter"}},
+        "handlers": {"console": _handler, "error_console": _handler},
+        "root": {"level": (os.environ.get("LOG_LEVEL") or "INFO").upper(), "handlers": ["console"]},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+        },
+    }
