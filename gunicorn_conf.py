@@ -5,6 +5,8 @@
   workers' live gauges dropped.  This module runs in the gunicorn master before it forks:
   it uses the directory given (wiping what a previous run left) or makes a private one,
   and :func:`child_exit` marks each exited worker dead.
+- **File descriptors**: each watcher holds a socket; the soft limit is raised to the hard
+  one (often 1,024 soft by default), so capacity is ours to set (``FRAMEPACK_WATCHER_CAPACITY``).
 - **Logs**: with ``LOG_FORMAT=json`` gunicorn's own lines (start-up, worker boots, the
   access log when enabled) are JSON too, like the application's (``tasks/logs.py``).
 
@@ -14,6 +16,7 @@ Everything else (bind, workers, threads) stays on the command line.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +32,11 @@ if _dir:
     _path.mkdir(parents=True, exist_ok=True)
 else:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _dir = tempfile.mkdtemp(prefix="framepack-prometheus-")
+
+
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _hard != resource.RLIM_INFINITY and _soft < _hard:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -97,12 +97,29 @@ def webhook_worker_command() -> list[str]:
     return worker_command(concurrency=4, pool="threads", queues="webhooks", hostname="webhooks@%h")
 
 
-def web_command(port: int, threads: int = 200, processes: int = 1) -> list[str]:
-    """The gunicorn command line for the web tier: many threads per process (WebSockets hold a
-    thread each); ``gunicorn_conf`` sets up metrics across processes and JSON logs."""
-    return [sys.executable, "-m", "gunicorn", "-c", "python:gunicorn_conf", "-k", "gthread", "-w", str(processes),
-            "--threads", str(threads), "-b", f"127.0.0.1:{port}", "--timeout", "120", "--graceful-timeout", "5",
-            "webapp:create_app()"]  # fmt: skip
+#: Connections one gevent web process holds (watchers, REST, keep-alive): above the watcher
+#: capacity (``FRAMEPACK_WATCHER_CAPACITY``), so that a watcher over capacity is answered with
+#: a refusal instead of waiting unaccepted in the listen backlog.
+WEB_CONNECTIONS = 10_000
+
+
+def web_command(port: int, threads: int = 200, processes: int = 1, server: str = "gevent") -> list[str]:
+    """The gunicorn command line for the web tier; ``gunicorn_conf`` sets up metrics across
+    processes and JSON logs.
+
+    ``server="gevent"`` (the default): one greenlet per connection, so thousands of watchers
+    cost memory, not threads (Flask-Sock documents gevent; the hub's reader is a greenlet
+    too).  ``server="gthread"``: a thread per connection, ``threads`` of them per process
+    (what the web tier ran before; kept for comparison in ``bench/bench_scale.py``)."""
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:gunicorn_conf", "-w", str(processes),
+           "-b", f"127.0.0.1:{port}", "--timeout", "120", "--graceful-timeout", "5"]  # fmt: skip
+    if server == "gevent":
+        cmd += ["-k", "gevent", "--worker-connections", str(WEB_CONNECTIONS)]
+    elif server == "gthread":
+        cmd += ["-k", "gthread", "--threads", str(threads)]
+    else:
+        raise ValueError(f"unknown web server {server!r} (gevent or gthread)")
+    return cmd + ["webapp:create_app()"]
 
 
 def parse_gpus(value: str | None) -> list[str]:

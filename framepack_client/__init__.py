@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -187,6 +188,8 @@ class FramePackClient:
                     raise APIError(404, {"error": f"unknown job {job_id}", "field": "job_id"}) from None
                 if not reconnect:
                     raise
+                if exc.reason == 1013:  # the server is at its watcher capacity: come back later
+                    time.sleep(5 + 5 * random.random())
             finally:
                 try:
                     ws.close()

@@ -168,6 +168,10 @@ class Settings:
     max_completed_jobs: int = 100
     max_upload_bytes: int = 32 * 2**20
     ws_send_buffer: int = 256 * 1024
+    #: Open watcher streams (WebSocket and SSE) one web process serves; one more is refused at
+    #: once (WebSocket close 1013, SSE 503 with Retry-After), never left waiting.  About 60 KB
+    #: of memory each under the gevent server (docs/benchmarks.md).
+    watcher_capacity: int = 4000
     #: API tokens: ``name:token[:role]`` entries, comma-separated, or ``@/path`` to a file
     #: with one per line (parsed by ``webapp.auth``).  Empty: the API is open.
     api_tokens: str = ""
@@ -229,6 +233,7 @@ class Settings:
             max_completed_jobs=_num(env, "FRAMEPACK_MAX_COMPLETED_JOBS", d.max_completed_jobs, int),
             max_upload_bytes=_num(env, "FRAMEPACK_MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
             ws_send_buffer=_num(env, "FRAMEPACK_WS_SEND_BUFFER", d.ws_send_buffer, int),
+            watcher_capacity=_num(env, "FRAMEPACK_WATCHER_CAPACITY", d.watcher_capacity, int),
             api_tokens=env.get("FRAMEPACK_API_TOKENS", "").strip(),
             access_ttl=_num(env, "FRAMEPACK_ACCESS_TTL", d.access_ttl, int),
             max_queued_per_token=_num(env, "FRAMEPACK_MAX_QUEUED_PER_TOKEN", d.max_queued_per_token, int),

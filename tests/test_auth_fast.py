@@ -276,7 +276,7 @@ def test_without_tokens_everything_is_open_as_before(settings):
 
 def test_the_feed_filter_keeps_other_owners_jobs_out():
     from webapp.auth import Principal
-    from webapp.hub import Item, Outbox
+    from webapp.outbox import Item, Outbox
 
     ann = Principal("ann", "user")
     box = Outbox(accept=lambda item: ann.may_see(item.data.get("owner")))

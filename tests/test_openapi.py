@@ -34,6 +34,10 @@ checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "503"]
 include-path = "/stream/status/{job_id}"
 max-stream-events = 1
 
+[[operations]]
+include-path = "/api/jobs/{job_id}/events"
+max-stream-events = 1
+
 # the new-videos stream never ends and, with no worker, carries only keep-alive comments
 # (no event to stop after): tests/test_compat.py reads it against a real worker instead
 [[operations]]

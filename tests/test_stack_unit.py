@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from stack import Valkey, free_port, stack_env, web_command, worker_command
+from stack import WEB_CONNECTIONS, Valkey, free_port, stack_env, web_command, worker_command
 
 
 def _connect_refused(port: int) -> bool:
@@ -66,15 +66,19 @@ def test_worker_command_flags() -> None:
 
 
 def test_web_command_flags() -> None:
-    cmd = web_command(8123, threads=50)
+    cmd = web_command(8123)
     assert cmd[:3] == [sys.executable, "-m", "gunicorn"] and cmd[-1] == "webapp:create_app()"
-    for flag, value in (("-k", "gthread"), ("-w", "1"), ("--threads", "50"), ("-b", "127.0.0.1:8123"),
-                        ("--timeout", "120"), ("--graceful-timeout", "5")):
+    for flag, value in (("-k", "gevent"), ("-w", "1"), ("-b", "127.0.0.1:8123"), ("--timeout", "120"),
+                        ("--graceful-timeout", "5"), ("--worker-connections", str(WEB_CONNECTIONS))):  # fmt: skip
         assert cmd[cmd.index(flag) + 1] == value
-    assert web_command(1)[web_command(1).index("--threads") + 1] == "200"
+    assert "--threads" not in cmd
     assert cmd[cmd.index("-c") + 1] == "python:gunicorn_conf"  # metrics across processes, JSON logs
     several = web_command(1, processes=3)
     assert several[several.index("-w") + 1] == "3"
+    old = web_command(1, threads=50, server="gthread")  # thread per socket, for the benchmark's comparison
+    assert old[old.index("-k") + 1] == "gthread" and old[old.index("--threads") + 1] == "50"
+    with pytest.raises(ValueError, match="gevent or gthread"):
+        web_command(1, server="tornado")
 
 
 def test_stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ from tasks.lifecycle import QueueFull
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState
 from tasks.webhooks import WebhookRefused, WebhookSpec, check_url
 
-from . import files
+from . import files, sse
 from .auth import Principal, principal, tokens
 from .errors import ApiError, from_image, from_validation, not_found
 from .service import Service
@@ -225,6 +225,14 @@ def view_or_404(job_id: str) -> dict[str, Any]:
 @bp.get("/api/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
     return jsonify(view_or_404(job_id))
+
+
+@bp.get("/api/jobs/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    """The job's messages as server-sent events (the WebSocket stream's, one per event)."""
+    view_or_404(job_id)
+    release = sse.admit(service().hub, lambda message, headers: ApiError(503, message, headers=headers))
+    return sse.stream(sse.job_events(service(), job_id), release)
 
 
 @bp.post("/api/jobs/<job_id>/cancel")
@@ -438,7 +446,8 @@ def info() -> Response:
                        "max_queued": s.max_queued_per_token if tokens().required else None,
                        "max_queue": s.max_queue or None, "max_upload_bytes": s.max_upload_bytes,
                        "webhooks": bool(s.webhook_allow)}}  # fmt: skip
+    hub = svc.hub  # this web process's streams (each gunicorn process has its own)
+    body["streams"] = {"open": hub.open_streams, "capacity": hub.capacity or None, "refused": hub.stats["refused"]}
     if who.admin:
-        hub = svc.hub
         body.update(workers=workers, hub={**hub.stats, "channels": hub.channels}, settings=s.public())
     return jsonify(body)

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import PurePath
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import TypeAdapter, ValidationError
 
 from diffusers_helper import lora_files
@@ -32,7 +31,7 @@ from diffusers_helper.params import MAX_SEED, JobParams
 from tasks.lifecycle import QueueFull
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState, Keys
 
-from . import files
+from . import files, sse
 from .api import QUEUE_RETRY_AFTER, parse_webhook, visible_owner
 from .auth import principal
 from .errors import ApiError
@@ -347,19 +346,9 @@ def video_file(filename: str) -> Response:
     return _serve_video(view["id"], name, f'inline; filename="{filename}"')
 
 
-def _sse(event: str | None, data: Any) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
-
-
-def _event_stream(events: Iterator[str]) -> Response:
-    return Response(stream_with_context(events), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-
-
-#: Seconds between keep-alive comments on an idle event stream (under common proxy and
-#: client read timeouts of 10 s and more).
-KEEP_ALIVE = 8.0
+def _admit() -> Callable[[], None]:
+    """A watcher slot for an event stream, or FastAPI's shape of a 503 at capacity."""
+    return sse.admit(service().hub, lambda message, headers: LegacyError(503, message, headers))
 
 
 @bp.get("/video_stream")
@@ -373,16 +362,16 @@ def video_stream() -> Response:
         svc.hub.watch(Keys.EVENTS, outbox)
         try:
             while not outbox.overflowed:
-                item = outbox.get(timeout=KEEP_ALIVE)
+                item = outbox.get(timeout=sse.KEEP_ALIVE)
                 if item is None:
                     yield ": keep-alive\n\n"
                 elif (item.data.get("event") == "finished" and item.data.get("state") == JobState.SUCCEEDED.value
                       and who.may_see(item.data.get("owner"))):  # fmt: skip
-                    yield _sse(None, f"{item.data['job_id']}.mp4")
+                    yield sse.event(None, f"{item.data['job_id']}.mp4")
         finally:
             svc.hub.unwatch(Keys.EVENTS, outbox)
 
-    return _event_stream(events())
+    return sse.stream(events(), _admit())
 
 
 @bp.get("/stream/status/<job_id>")
@@ -393,7 +382,7 @@ def stream(job_id: str) -> Response:
 
     def events() -> Iterator[str]:
         if _view(job_id) is None:
-            yield _sse("status", {"status": "error", "message": "Job not found or cleaned up."})
+            yield sse.event("status", {"status": "error", "message": "Job not found or cleaned up."})
             return
         outbox = svc.hub.new_outbox()
         svc.hub.watch_job(job_id, outbox)
@@ -405,16 +394,16 @@ def stream(job_id: str) -> Response:
                 if view.get("preview") and view["state"] == JobState.RUNNING.value:
                     body["preview_image_base64"] = view["preview"]["image"]
                 if body != last_body:
-                    yield _sse("progress", body)
+                    yield sse.event("progress", body)
                     last_body = body
                 if JobState(view["state"]) in TERMINAL:
-                    yield _sse("status", {"status": body["status"], "message": "Job finished."})
+                    yield sse.event("status", {"status": body["status"], "message": "Job finished."})
                     return
                 item = None
                 while item is None or item.seq <= last_seq:  # skip what this stream already showed
                     if outbox.overflowed:
                         return  # a client this far behind reconnects and starts from a fresh status
-                    item = outbox.get(timeout=KEEP_ALIVE)
+                    item = outbox.get(timeout=sse.KEEP_ALIVE)
                     if item is None:
                         yield ": keep-alive\n\n"
                 last_seq = item.seq
@@ -424,4 +413,4 @@ def stream(job_id: str) -> Response:
         finally:
             svc.hub.unwatch_job(job_id, outbox)
 
-    return _event_stream(events())
+    return sse.stream(events(), _admit())

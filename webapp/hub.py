@@ -3,10 +3,12 @@
 Celery's Redis backend PUBLISHes every ``update_state`` on ``celery-task-meta-<id>``.  A
 single thread per web process holds one pub/sub connection, subscribes to the channels
 of the jobs someone watches (plus the all-jobs feed), decodes and encodes each update
-*once*, and appends it to every watcher's :class:`Outbox`.  Redis work per update is
-therefore the same for 1 or 1,000 watchers.  Each socket's own thread drains its outbox,
-so a watcher that stops reading only ever delays itself: pending previews are replaced by
-newer ones (latest wins) while progress, section and final messages are kept.
+*once*, and offers it to every watcher's :class:`webapp.outbox.Outbox` (frames and socket
+handling live there, testable without Redis).  Redis work per update is therefore the same
+for 1 or 2,000 watchers.  Under the gevent server the reader is a greenlet, as is each
+socket's handler; a watcher that stops reading only ever delays itself: pending previews
+are replaced by newer ones (latest wins) while progress, section and final messages are
+kept.  :meth:`JobHub.admit` caps the streams a process serves (``watcher_capacity``).
 
 A polling fallback (GET of the meta key every few seconds for watched jobs) covers
 updates published while the subscription was being (re)established.
@@ -16,242 +18,35 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import redis
 
 from tasks.protocol import CELERY_META_PREFIX, TERMINAL, Keys, encode, message_type, parse_celery_payload
 
+from .outbox import Item, Outbox
+
 log = logging.getLogger("framepack.hub")
-
-
-def text_frame(text: str) -> bytes:
-    """A complete, unmasked WebSocket text frame (server to client; no extensions)."""
-    payload = text.encode()
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 1 << 16:
-        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
-    return header + payload
-
-
-PING_FRAME = bytes((0x89, 0))
-
-
-@dataclass
-class Item:
-    """One message for watchers: encoded once (text and wire frame), shared by every outbox."""
-
-    kind: str
-    seq: int
-    text: str
-    lite: str | None = None  # the same message without its preview (for slow sockets)
-    data: dict[str, Any] = field(default_factory=dict)
-
-    @cached_property
-    def frame(self) -> bytes:
-        return text_frame(self.text)
-
-
-class Outbox:
-    """One watcher's messages.  The producer (the hub's reader thread) never blocks on it.
-
-    With a socket attached, a message the socket can take at once is written by the
-    producer itself, a single non-blocking send of the pre-built frame: no thread wake-up
-    per watcher, which is what keeps hundreds of watchers fast.  Whatever does not fit
-    (a slow or stalled reader) waits here for the socket's own thread, and while it waits a
-    newer preview replaces the pending ones (latest wins); progress, section and final
-    messages are kept.  Without a socket (SSE) everything waits here for :meth:`get`.
-
-    ``accept`` filters what this watcher may see (the all-jobs feed shows a user only its
-    own jobs); it runs on the producer's thread, so it must be quick.
-    """
-
-    def __init__(self, limit: int = 2000, stats: dict[str, int] | None = None,
-                 accept: Callable[[Item], bool] | None = None):  # fmt: skip
-        self.accept = accept
-        self._items: deque[Item] = deque()
-        self.stats = stats if stats is not None else {}
-        self._cond = threading.Condition()
-        self.limit = limit
-        self.overflowed = False
-        self.write_lock = threading.Lock()  # every write to the socket holds it: frames never interleave
-        self._raw: socket.socket | None = None  # the connection, once owned
-        self._sock: socket.socket | None = None  # set while the producer may write directly
-        self._partial = b""  # the unsent tail of a frame the producer began (goes out first)
-        self.sent_seq = 0
-        self.final_sent = False
-        self.dead = False
-
-    # -- producer side --------------------------------------------------------------------
-    def put(self, item: Item) -> bool:
-        """Deliver or queue ``item``; True when the socket's thread has work (call :meth:`wake`).
-
-        The producer wakes threads only after it has offered a message to every watcher,
-        so hundreds of waking threads never slow the direct writes to the rest."""
-        if self.accept is not None and not self.accept(item):
-            return False
-        with self._cond:
-            if self._sock is not None and not (self._items or self._partial or self.dead):
-                if item.seq and item.seq <= self.sent_seq:
-                    return False
-                if self._send_now(item):
-                    return bool(self._partial) or self.dead or item.kind == "final"
-            self._queue(item)
-            return True
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify()
-
-    def _send_now(self, item: Item) -> bool:
-        """Write ``item`` without blocking; False if the socket took none of it."""
-        if not self.write_lock.acquire(blocking=False):
-            return False  # someone is writing: queue instead
-        try:
-            frame = item.frame
-            try:
-                n = self._sock.send(frame, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return False
-            except OSError:
-                self.dead = True
-                return True
-            self._mark_sent(item)
-            if n < len(frame):  # the rest goes before any other write (see write_external)
-                self._partial = frame[n:]
-            return True
-        finally:
-            self.write_lock.release()
-
-    def _mark_sent(self, item: Item) -> None:
-        self.sent_seq = max(self.sent_seq, item.seq)
-        if item.kind == "final":
-            self.final_sent = True
-
-    def _queue(self, item: Item) -> None:
-        if item.lite is not None:  # a newer preview makes pending ones stale
-            for i, old in enumerate(self._items):
-                if old.lite is not None:
-                    self._items[i] = Item(old.kind, old.seq, old.lite, None, old.data)
-                    self.stats["dropped_previews"] = self.stats.get("dropped_previews", 0) + 1
-        self._items.append(item)
-        if len(self._items) > self.limit and not self.overflowed:
-            self.overflowed = True
-            self.stats["overflowed"] = self.stats.get("overflowed", 0) + 1
-
-    # -- the socket's own thread ------------------------------------------------------------
-    def own(self, ws: Any) -> None:
-        """Route every other write to this connection through our lock.
-
-        simple-websocket's reader thread answers a client's pings (and close frames) by
-        writing to its socket; without the lock such a write could land in the middle of a
-        frame that a congested socket is still taking."""
-        self._raw = ws.sock
-        ws.sock = LockedSocket(ws.sock, self)
-
-    def attach(self, sent_seq: int) -> None:
-        """Allow direct writes once the snapshot (seq ``sent_seq``) is on the wire."""
-        with self._cond:
-            self.sent_seq = max(self.sent_seq, sent_seq)
-            self._sock = self._raw
-            self._cond.notify()
-
-    def write_external(self, data: bytes) -> None:
-        with self.write_lock:
-            with self._cond:
-                tail, self._partial = self._partial, b""
-            self._raw.sendall(tail + data)
-
-    def detach(self) -> None:
-        """No more writes from the producer (wait for one in progress to end)."""
-        with self._cond:
-            self._sock = None
-        with self.write_lock:
-            pass
-
-    def drain(self, timeout: float) -> str:
-        """Write what is pending (blocking).  Returns ``final`` once the final message is
-        out, ``overflow``, ``dead``, ``sent`` or ``idle`` (nothing came within ``timeout``)."""
-        with self._cond:
-            if not (self._partial or self._items or self.final_sent or self.dead or self.overflowed):
-                self._cond.wait(timeout)
-            if self.overflowed:
-                return "overflow"
-            if self.dead:
-                return "dead"
-            if not (self._partial or self._items):
-                return "final" if self.final_sent else "idle"
-        with self.write_lock:  # taken before the queue, so the producer cannot overtake us
-            with self._cond:
-                if self._partial:
-                    data, item, self._partial = self._partial, None, b""
-                elif self._items:
-                    item = self._items.popleft()
-                    if item.seq and item.seq <= self.sent_seq:
-                        return "sent"
-                    data = item.frame
-                else:
-                    return "sent"
-            try:
-                self._raw.sendall(data)
-            except OSError:
-                self.dead = True
-                return "dead"
-            if item is not None:
-                with self._cond:
-                    self._mark_sent(item)
-        with self._cond:
-            return "final" if self.final_sent and not self._items and not self._partial else "sent"
-
-    def ping(self) -> None:
-        self.write_external(PING_FRAME)
-
-    def get(self, timeout: float) -> Item | None:
-        """For consumers without a socket (SSE): the next pending message."""
-        with self._cond:
-            if not self._items:
-                self._cond.wait(timeout)
-            return self._items.popleft() if self._items else None
-
-
-class LockedSocket:
-    """The connection as simple-websocket sees it once an :class:`Outbox` owns it: its
-    writes go through the outbox (after any unfinished frame); everything else passes."""
-
-    def __init__(self, sock: socket.socket, outbox: Outbox):
-        self._sock = sock
-        self._outbox = outbox
-
-    def send(self, data: bytes, *_flags: int) -> int:
-        self._outbox.write_external(data)
-        return len(data)
-
-    def sendall(self, data: bytes, *_flags: int) -> None:
-        self._outbox.write_external(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 Transform = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 class JobHub:
-    def __init__(self, redis_url: str, decorate: Transform, poll_interval: float = 2.0, metrics: Any = None):
+    def __init__(self, redis_url: str, decorate: Transform, poll_interval: float = 2.0, metrics: Any = None,
+                 capacity: int = 0):  # fmt: skip
         """``decorate(job_id, meta)`` adds URLs etc. to a meta before it is encoded;
-        ``metrics`` (:class:`webapp.metrics.WebMetrics`) counts watchers and preview latency."""
+        ``metrics`` (:class:`webapp.metrics.WebMetrics`) counts watchers and preview latency;
+        ``capacity``: streams :meth:`admit` lets in at once (0: no limit)."""
         self.metrics = metrics
+        self.capacity = capacity
+        self.open_streams = 0
+        if metrics is not None and capacity:
+            metrics.capacity.set(capacity)
         self.redis = redis.Redis.from_url(redis_url)
         self.decorate = decorate
         self.poll_interval = poll_interval
@@ -262,7 +57,28 @@ class JobHub:
         self._changes: deque[tuple[str, str]] = deque()
         self._subscribed: dict[str, threading.Event] = {}
         self._thread: threading.Thread | None = None
-        self.stats = {"messages": 0, "polls": 0, "delivered": 0, "dropped_previews": 0, "overflowed": 0}
+        self.stats = {"messages": 0, "polls": 0, "delivered": 0, "dropped_previews": 0, "overflowed": 0,
+                      "refused": 0}  # fmt: skip
+
+    # -- capacity -----------------------------------------------------------------------
+    def admit(self) -> bool:
+        """Take one of this process's stream slots, or say at once that none is free.
+
+        A server that runs out of connections (threads, or gevent's worker_connections)
+        stops accepting and a new watcher waits silently; refusing below that point lets it
+        hear "try again later" instead.  Every True is paired with :meth:`release`."""
+        with self._lock:
+            if self.capacity and self.open_streams >= self.capacity:
+                self.stats["refused"] += 1
+                if self.metrics is not None:
+                    self.metrics.refused.inc()
+                return False
+            self.open_streams += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.open_streams -= 1
 
     # -- watchers ---------------------------------------------------------------------
     def new_outbox(self, accept: Callable[[Item], bool] | None = None) -> Outbox:
@@ -376,12 +192,15 @@ class JobHub:
         if item is None:
             return
         self.stats["messages"] += 1
+        started = time.perf_counter()
         with self._lock:
             outboxes = list(self._watchers.get(channel, ()))
         to_wake = [box for box in outboxes if box.put(item)]
         for box in to_wake:
             box.wake()
         self.stats["delivered"] += len(outboxes)
+        if outboxes and self.metrics is not None:
+            self.metrics.fanout.observe(time.perf_counter() - started)
         if live and outboxes and self.metrics is not None and item.data.get("preview") and item.data.get("emitted_at"):
             self.metrics.preview_latency.observe(max(0.0, time.time() - float(item.data["emitted_at"])))
 

@@ -22,6 +22,8 @@ bp = Blueprint("metrics", __name__)
 
 #: Seconds from a worker's update to this process handing it to its watchers.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
+#: Seconds the hub spends on one update for all watchers (direct writes and wake-ups).
+FANOUT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 def multiprocess() -> bool:
@@ -39,6 +41,12 @@ class WebMetrics:
         self.preview_latency = Histogram("framepack_preview_latency_seconds", "From the worker writing an update "
                                          "with a preview to the web tier handing it to that job's watchers",
                                          buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.capacity = Gauge("framepack_watcher_capacity", "Watcher streams the web processes accept at most "
+                              "(FRAMEPACK_WATCHER_CAPACITY each)", multiprocess_mode="livesum", registry=r)  # fmt: skip
+        self.refused = Counter("framepack_watchers_refused", "Watcher streams refused at capacity (WebSocket 1013, "
+                               "SSE 503)", registry=r)  # fmt: skip
+        self.fanout = Histogram("framepack_web_fanout_seconds", "Time the hub takes to hand one update to all of its "
+                                "job's watchers in this process", buckets=FANOUT_BUCKETS, registry=r)  # fmt: skip
         self.redis_errors = Counter("framepack_redis_errors", "Redis calls that failed (outage, timeout)", ["where"],
                                     registry=r)  # fmt: skip
         for where in ("request", "hub", "sweep"):

@@ -60,6 +60,10 @@ SSE_EVENT = {"type": "object", "required": ["data"],
              "properties": {"event": {"type": "string", "enum": ["progress", "status"]}, "data": {"type": "string"}}}  # fmt: skip
 
 
+JOB_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"id": {"type": "string"}, "data": {"type": "string"},
+                            "event": {"type": "string", "enum": ["snapshot", "progress", "section", "final"]}}}  # fmt: skip
+
 #: Operations that take the id of a job just created (OpenAPI links: a client, or a fuzzer,
 #: can follow a submission to them).
 JOB_OPERATIONS = {
@@ -247,6 +251,16 @@ def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
                 "delete": {"summary": "Delete a finished job and its files", "parameters": job_id,
                            "responses": responses(_204={"description": "Deleted"}, _404=not_found, _409=err)},
             },  # fmt: skip
+            "/api/jobs/{job_id}/events": {
+                "get": {"summary": "The job's stream as server-sent events: the WebSocket's messages, one per event "
+                                   "(id: seq, event: snapshot|progress|section|final); ends after final",
+                        "parameters": job_id,
+                        "responses": responses(_200={"description": "text/event-stream",
+                                                     "content": {"text/event-stream": {"schema": JOB_EVENT}}},
+                                               _404=not_found,
+                                               _503=_json(_ref("Error"), "At this web process's watcher capacity "
+                                                          "(see Retry-After), or the job store is unavailable"))},
+            },  # fmt: skip
             "/api/jobs/{job_id}/cancel": {"post": {"summary": "Cancel (cooperative)", "parameters": job_id,
                 "responses": responses(_202=job, _404=not_found, _409=err)}},
             "/api/jobs/{job_id}/extend": {"post": {"summary": "Continue a succeeded job's video forward (F1): "
@@ -297,7 +311,8 @@ def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
                 "responses": responses(_202=_json(_ref("Batch"), "The batch"), _404=not_found)}},
             "/api/loras": {"get": {"summary": "The LoRA files jobs may name (size, detected format)",
                                    "responses": responses(_200=_json({"type": "object"}, "LoRAs"))}},
-            "/api/info": {"get": {"summary": "Live workers, their model profile and device; settings",
+            "/api/info": {"get": {"summary": "Live workers, their model profile and device; this web process's "
+                                       "watcher streams (open, capacity, refused); settings",
                                   "responses": responses(_200=_json({"type": "object"}, "Info"))}},
             "/metrics": {"get": {"summary": "Prometheus text: jobs by state, queue depth, workers (from Redis), "
                                  "watchers, preview latency, Redis errors (summed over the web processes)",

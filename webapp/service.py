@@ -55,7 +55,9 @@ class Service:
         self.settings = settings
         self.redis = connect(settings.store_url, settings.redis_retry_seconds, max_connections=1000)
         self.metrics = WebMetrics()
-        self.hub = JobHub(settings.store_url, decorate, poll_interval, metrics=self.metrics)
+        self.hub = JobHub(
+            settings.store_url, decorate, poll_interval, metrics=self.metrics, capacity=settings.watcher_capacity
+        )
         self.celery = celery or make_celery(client=True)
         self.store: ResultsStore = open_store(settings)
         self.lifecycle = Lifecycle(self.redis, settings, self._announce, webhooks.dispatcher(self.celery))
@@ -188,6 +190,13 @@ class Service:
     def latest_meta(self, job_id: str) -> tuple[JobState, dict[str, Any]] | None:
         raw = self.redis.get(Keys.celery_meta(job_id))
         return None if raw is None else parse_celery_payload(raw)
+
+    def final_message(self, job_id: str, view: dict[str, Any]) -> dict[str, Any]:
+        """The ``final`` message for a job already over when a watcher arrives: the worker's
+        own last meta when it has one (result, reason), else the record's snapshot."""
+        latest = self.latest_meta(job_id)
+        final = decorate(job_id, latest[1]) if latest and latest[0] in TERMINAL else {**view, "seq": view["seq"]}
+        return {"type": "final", "job_id": job_id, **final}
 
     def view(self, job_id: str) -> dict[str, Any] | None:
         """The snapshot of a job (:class:`tasks.snapshot.JobView`); None if unknown."""

@@ -1,7 +1,10 @@
 """WebSocket streams (Flask-Sock): ``/ws/jobs/<id>`` and ``/ws/jobs``.
 
 Each socket gets a snapshot, then the hub's messages from its outbox, sent by the
-socket's own handler thread (so a stalled peer blocks nobody else).  Per-message deflate
+socket's own handler (a greenlet under the default gevent server, a thread under
+gthread), so a stalled peer blocks nobody else.  A socket over the web process's watcher
+capacity is closed at once with 1013 "try again later" (:data:`CLOSE_TRY_LATER`): a
+browser's WebSocket cannot read an HTTP status, but it reads a close code.  Per-message deflate
 is refused: base64 JPEGs barely compress and deflate per socket dominated latency at
 hundreds of watchers (p99 ~40 ms -> ~350 ms at 500 watchers in a prototype).
 
@@ -20,10 +23,10 @@ from flask import Blueprint, Flask, current_app, request
 from flask_sock import Sock
 
 from tasks.protocol import TERMINAL, JobState, Keys, encode
-from tasks.snapshot import decorate
 
 from .auth import principal
 from .service import Service
+from .sse import RETRY_AFTER
 
 sock = Sock()
 bp = Blueprint("ws", __name__)
@@ -31,6 +34,8 @@ bp = Blueprint("ws", __name__)
 CLOSE_UNKNOWN_JOB = 4404
 CLOSE_TOO_SLOW = 4408
 CLOSE_DONE = 1000
+#: RFC 6455 "Try Again Later": the web process is at its watcher capacity.
+CLOSE_TRY_LATER = 1013
 
 
 def _service() -> Service:
@@ -104,9 +109,26 @@ def _pump(ws: Any, outbox: Any, sent_seq: int, until_final: bool) -> None:
         outbox.detach()
 
 
+def _admitted(ws: Any, svc: Service) -> bool:
+    """Take a stream slot, or close with 1013 at once (the client retries after a while)."""
+    if svc.hub.admit():
+        return True
+    ws.close(reason=CLOSE_TRY_LATER, message=f"server at watcher capacity: try again in {RETRY_AFTER} s")
+    return False
+
+
 @sock.route("/ws/jobs/<job_id>", bp=bp)
 def job_stream(ws: Any, job_id: str) -> None:
     svc = _service()
+    if not _admitted(ws, svc):
+        return
+    try:
+        _job_stream(ws, svc, job_id)
+    finally:
+        svc.hub.release()
+
+
+def _job_stream(ws: Any, svc: Service, job_id: str) -> None:
     record = svc.record(job_id)
     if record is None or not principal().may_see(record.get("owner")):
         ws.close(reason=CLOSE_UNKNOWN_JOB, message="unknown job")
@@ -119,9 +141,7 @@ def job_stream(ws: Any, job_id: str) -> None:
         view = svc.view(job_id)
         ws.send(encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}))
         if JobState(view["state"]) in TERMINAL:
-            latest = svc.latest_meta(job_id)
-            final = decorate(job_id, latest[1]) if latest and latest[0] in TERMINAL else {**view, "seq": view["seq"]}
-            ws.send(encode({"type": "final", "job_id": job_id, **final}))
+            ws.send(encode(svc.final_message(job_id, view)))
             ws.close(reason=CLOSE_DONE, message="job finished")
             return
         _pump(ws, outbox, view["seq"], until_final=True)
@@ -132,6 +152,8 @@ def job_stream(ws: Any, job_id: str) -> None:
 @sock.route("/ws/jobs", bp=bp)
 def jobs_stream(ws: Any) -> None:
     svc = _service()
+    if not _admitted(ws, svc):
+        return
     who = principal()
     outbox = svc.hub.new_outbox(accept=None if who.admin else lambda item: who.may_see(item.data.get("owner")))
     outbox.own(ws)
@@ -142,6 +164,7 @@ def jobs_stream(ws: Any) -> None:
         _pump(ws, outbox, 0, until_final=False)
     finally:
         svc.hub.unwatch(Keys.EVENTS, outbox)
+        svc.hub.release()
 
 
 def init_app(app: Flask) -> None:

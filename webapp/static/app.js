@@ -102,9 +102,13 @@ class Stream {
     this.ws.onmessage = (e) => this.onMessage(JSON.parse(e.data));
     this.ws.onclose = (e) => {
       if (this.stopped || this.done() || e.code === 4404) { this.onState(e.code === 4404 ? "unknown" : "closed"); return; }
-      this.onState(`reconnecting in ${(this.delay / 1000).toFixed(1)} s`);
-      this.timer = setTimeout(() => this.open(), this.delay);
-      this.delay = Math.min(this.delay * 2, 10000);
+      // 1013: the server is at its watcher capacity; wait as long as it asks (plus jitter, so
+      // a refused crowd does not come back at once), not the short back-off of a lost socket
+      const busy = e.code === 1013;
+      const wait = busy ? 5000 + Math.random() * 5000 : this.delay;
+      this.onState(`${busy ? "server busy: " : ""}reconnecting in ${(wait / 1000).toFixed(1)} s`);
+      this.timer = setTimeout(() => this.open(), wait);
+      if (!busy) this.delay = Math.min(this.delay * 2, 10000);
     };
   }
   close() { this.stopped = true; clearTimeout(this.timer); if (this.ws) this.ws.close(); }
