@@ -169,7 +169,7 @@ class Settings:
     max_upload_bytes: int = 32 * 2**20
     ws_send_buffer: int = 256 * 1024
     #: Open watcher streams (WebSocket and SSE) one web process serves; one more is refused at
-    #: once (WebSocket close 1013, SSE 503 with Retry-After), never left waiting.  About 60 KB
+    #: once (WebSocket close 1013, SSE 503 with Retry-After), never left waiting.  About 55 KB
     #: of memory each under the gevent server (docs/benchmarks.md).
     watcher_capacity: int = 4000
     #: API tokens: ``name:token[:role]`` entries, comma-separated, or ``@/path`` to a file
@@ -288,10 +288,15 @@ def retry_policy(seconds: float) -> Retry:
     return Retry(ExponentialBackoff(cap=1.0, base=0.05), attempts)
 
 
-def connect(url: str, retry_seconds: float, **kwargs: Any) -> redis.Redis:
+def connect(url: str, retry_seconds: float, pool_size: int = 0, **kwargs: Any) -> redis.Redis:
     """A redis-py client that waits through a Redis restart for ``retry_seconds``
     (connection refused or reset, timeouts) instead of failing at once.  ``retry_seconds``
-    0 fails fast (for calls that must never block a sampling step)."""
+    0 fails fast (for calls that must never block a sampling step).
+
+    ``pool_size``: at most that many connections, and a caller that finds them all busy
+    waits for one (``BlockingConnectionPool``).  The web tier needs it: under gevent two
+    thousand watchers connecting at once are two thousand concurrent callers, and redis-py's
+    default pool would fail the ones past its limit with "Too many connections"."""
     kwargs.setdefault("socket_connect_timeout", 2.0)
     kwargs.setdefault("health_check_interval", 10)
     if retry_seconds > 0:
@@ -300,4 +305,8 @@ def connect(url: str, retry_seconds: float, **kwargs: Any) -> redis.Redis:
     else:
         kwargs["retry"] = Retry(ExponentialBackoff(cap=0.1, base=0.01), 0)
         kwargs.setdefault("socket_timeout", 1.0)
+    if pool_size:
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=pool_size,
+                                                     timeout=max(retry_seconds, 5.0), **kwargs)  # fmt: skip
+        return redis.Redis(connection_pool=pool)
     return redis.Redis.from_url(url, **kwargs)

@@ -47,6 +47,9 @@ class WebMetrics:
                                "SSE 503)", registry=r)  # fmt: skip
         self.fanout = Histogram("framepack_web_fanout_seconds", "Time the hub takes to hand one update to all of its "
                                 "job's watchers in this process", buckets=FANOUT_BUCKETS, registry=r)  # fmt: skip
+        self.fanout_cpu = Counter("framepack_web_fanout_cpu_seconds", "CPU time of the hub's fan-outs (its thread's; "
+                                  "against framepack_web_fanout_seconds: the rest is waiting for a core)",
+                                  registry=r)  # fmt: skip
         self.redis_errors = Counter("framepack_redis_errors", "Redis calls that failed (outage, timeout)", ["where"],
                                     registry=r)  # fmt: skip
         for where in ("request", "hub", "sweep"):

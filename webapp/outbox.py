@@ -1,5 +1,8 @@
 """One watcher's outbox: frames built once, written without blocking, latest preview wins.
 
+Frames are built once per message for every watcher: :func:`text_frame` for WebSockets,
+:func:`sse_event` for event streams (:attr:`Item.frame`, :attr:`Item.event`).
+
 This module knows sockets and WebSocket framing, not Redis (:mod:`webapp.hub` feeds it), so
 framing, partial sends and slow readers are tested over a socketpair alone.  It works the
 same under gunicorn's gevent worker (the default web server) and under threads: the
@@ -35,6 +38,11 @@ def text_frame(text: str) -> bytes:
 PING_FRAME = bytes((0x89, 0))
 
 
+def sse_event(kind: str | None, data: str, seq: int | None = None) -> str:
+    """One server-sent event (``data`` is one line: encoded JSON or plain text)."""
+    return (f"id: {seq}\n" if seq else "") + (f"event: {kind}\n" if kind else "") + f"data: {data}\n\n"
+
+
 def nonblocking(sock: Any) -> Any:
     """The OS-level socket of a connection, for a send that must never wait.
 
@@ -59,6 +67,11 @@ class Item:
     def frame(self) -> bytes:
         return text_frame(self.text)
 
+    @cached_property
+    def event(self) -> bytes:
+        """The message as an SSE event, built once for every event-stream watcher."""
+        return sse_event(self.kind, self.text, self.seq).encode()
+
 
 class Outbox:
     """One watcher's messages.  The producer (the hub's reader thread) never blocks on it.
@@ -79,7 +92,7 @@ class Outbox:
         self.accept = accept
         self._items: deque[Item] = deque()
         self.stats = stats if stats is not None else {}
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # never re-entered: a plain lock is cheaper
         self.limit = limit
         self.overflowed = False
         self.write_lock = threading.Lock()  # every write to the socket holds it: frames never interleave
@@ -167,10 +180,14 @@ class Outbox:
             self._cond.notify()
 
     def write_external(self, data: bytes) -> None:
+        """simple-websocket's own writes (pongs, the answer to a close) and our pings.  The
+        socket's handler is woken after each: after a close it has nothing left to wait for."""
         with self.write_lock:
             with self._cond:
                 tail, self._partial = self._partial, b""
             self._raw.sendall(tail + data)
+        with self._cond:
+            self._cond.notify()
 
     def detach(self) -> None:
         """No more writes from the producer (wait for one in progress to end)."""

@@ -50,10 +50,15 @@ log = logging.getLogger("framepack.web")
 EVENTS_HOSTNAME = f"framepack-web@{socket.gethostname()}"
 
 
+#: Redis connections one web process uses at most (requests and streams share them; a call
+#: takes one for a millisecond or so, so a burst of callers waits briefly for a free one).
+REDIS_POOL = 100
+
+
 class Service:
     def __init__(self, settings: Settings, celery: Celery | None = None, poll_interval: float = 2.0):
         self.settings = settings
-        self.redis = connect(settings.store_url, settings.redis_retry_seconds, max_connections=1000)
+        self.redis = connect(settings.store_url, settings.redis_retry_seconds, pool_size=REDIS_POOL)
         self.metrics = WebMetrics()
         self.hub = JobHub(
             settings.store_url, decorate, poll_interval, metrics=self.metrics, capacity=settings.watcher_capacity

@@ -19,6 +19,7 @@ from flask import Response, stream_with_context
 from tasks.protocol import TERMINAL, JobState, encode
 
 from .hub import JobHub
+from .outbox import sse_event
 
 #: Seconds a refused watcher is told to wait (503 ``Retry-After``, the 1013 close reason).
 RETRY_AFTER = 5
@@ -29,8 +30,7 @@ KEEP_ALIVE = 8.0
 
 def event(kind: str | None, data: Any, seq: int | None = None) -> str:
     """One SSE event; ``data`` is sent as is when it is a string (already encoded JSON)."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return (f"id: {seq}\n" if seq else "") + (f"event: {kind}\n" if kind else "") + f"data: {payload}\n\n"
+    return sse_event(kind, data if isinstance(data, str) else json.dumps(data, separators=(",", ":")), seq)
 
 
 def admit(hub: JobHub, refuse: Callable[[str, dict[str, str]], Exception]) -> Callable[[], None]:
@@ -49,14 +49,14 @@ def admit(hub: JobHub, refuse: Callable[[str, dict[str, str]], Exception]) -> Ca
     return release
 
 
-def stream(events: Iterator[str], release: Callable[[], None]) -> Response:
+def stream(events: Iterator[str | bytes], release: Callable[[], None]) -> Response:
     resp = Response(stream_with_context(events), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
     resp.call_on_close(release)
     return resp
 
 
-def job_events(svc: Any, job_id: str) -> Iterator[str]:
+def job_events(svc: Any, job_id: str) -> Iterator[str | bytes]:
     """Our job stream's events (the caller has checked the job exists and may be seen)."""
     hub = svc.hub
     outbox = hub.new_outbox()
@@ -75,7 +75,7 @@ def job_events(svc: Any, job_id: str) -> Iterator[str]:
                 yield ": keep-alive\n\n"
             elif not item.seq or item.seq > last:
                 last = max(last, item.seq)
-                yield event(item.kind, item.text, item.seq)
+                yield item.event
                 if item.kind == "final":
                     return
     finally:
