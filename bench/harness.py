@@ -25,9 +25,16 @@ class BenchStack:
     """Valkey + web tier (+ worker) in a temporary directory; a context manager."""
 
     def __init__(self, worker: bool = True, threads: int = 1200, env: dict[str, str] | None = None,
-                 root: Path | None = None):  # fmt: skip
+                 root: Path | None = None, server: str | None = None,
+                 web_args: list[str] | None = None):  # fmt: skip
+        """``server``: the web server kind (``stack.web_command``'s ``server``; None: its default);
+        ``threads`` only matters for ``gthread``; ``web_args``: more gunicorn options.
+        ``worker=False`` starts no Celery worker: a benchmark may start one later with
+        :meth:`start_worker`."""
         self.with_worker = worker
         self.threads = threads
+        self.server = server
+        self.web_args = web_args or []
         self.extra_env = env or {}
         self._tmp = None if root else tempfile.TemporaryDirectory(prefix="fp-bench-")
         self.root = Path(root or self._tmp.name)
@@ -40,15 +47,24 @@ class BenchStack:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_base = f"ws://127.0.0.1:{self.port}"
+        self.valkey = valkey
         if self.with_worker:
-            self.worker = self._stack.enter_context(
-                Proc(worker_command(), self.env, self.root / "worker.log", echo=False, name="worker")
-            )
-        self.web = self._stack.enter_context(
-            Proc(web_command(self.port, self.threads), self.env, self.root / "web.log", echo=False, name="web")
-        )
+            self.worker = self._stack.enter_context(self._worker_proc())
+        kind = {"server": self.server} if self.server else {}
+        cmd = web_command(self.port, self.threads, **kind)
+        cmd[-1:-1] = self.web_args  # options go before the app
+        self.web = self._stack.enter_context(Proc(cmd, self.env, self.root / "web.log", echo=False, name="web"))
         wait_http(self.base + ("/readyz" if self.with_worker else "/healthz"), 300, proc=self.web)
         return self
+
+    def _worker_proc(self) -> Proc:
+        return Proc(worker_command(), self.env, self.root / "worker.log", echo=False, name="worker")
+
+    def start_worker(self, timeout: float = 300) -> None:
+        """Start the Celery worker of a stack made with ``worker=False``, and return once
+        ``/readyz`` says 200: a benchmark can attach its watchers to a queued job first."""
+        self.worker = self._stack.enter_context(self._worker_proc())
+        wait_http(self.base + "/readyz", timeout, proc=self.worker)
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
@@ -63,6 +79,14 @@ class BenchStack:
         master = self.web.popen.pid
         out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
         return int(out[0]) if out else master
+
+    def valkey_pid(self) -> int:
+        """The Valkey server process (it says so itself: ``INFO server``)."""
+        r = self.redis()
+        try:
+            return int(r.info("server")["process_id"])
+        finally:
+            r.close()
 
 
 def bench_main(run: Any, markdown: Any, doc: str, smoke_help: str, extra: dict[str, dict] | None = None) -> None:
@@ -108,6 +132,38 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pids: list[int], children: bool = True) -> dict[int, float]:
+    """User + system CPU seconds of each process in ``pids`` (and, with ``children``, of each
+    live descendant), from ``/proc/<pid>/stat``; keyed by pid, so that two samples can be
+    subtracted process by process (:func:`cpu_delta`) even when a child came or went between."""
+    import psutil
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    tree: set[int] = set()
+    for pid in pids:
+        tree.add(pid)
+        if children:
+            try:
+                tree.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    out: dict[int, float] = {}
+    for pid in tree:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # gone
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3, utime 14, stime 15
+        out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`cpu_seconds` samples (processes that exited in
+    between are lost; ones that started count from zero)."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 def machine_facts() -> dict[str, Any]:

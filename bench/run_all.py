@@ -16,13 +16,14 @@ import os
 import time
 from pathlib import Path
 
-from . import bench_checkpoint, bench_gpu, bench_latency, bench_leak, bench_overhead, bench_preview
+from . import bench_checkpoint, bench_gpu, bench_latency, bench_leak, bench_overhead, bench_preview, bench_scale
 from .harness import machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {
     "preview": bench_preview,
     "latency": bench_latency,
+    "scale": bench_scale,
     "overhead": bench_overhead,
     "leak": bench_leak,
     "checkpoint": bench_checkpoint,
@@ -78,6 +79,10 @@ every final before closing its sockets, so its own pauses do not count against t
 """
 
 
+#: What the scale run's table means and how the web tier got there (kept with the table).
+SCALE_NOTES = Path(__file__).with_name("scale_notes.md").read_text()
+
+
 def write_doc(results: dict, facts: dict, elapsed: float, smoke: bool) -> str:
     lines = [
         "# Benchmarks",
@@ -95,6 +100,8 @@ def write_doc(results: dict, facts: dict, elapsed: float, smoke: bool) -> str:
         lines += [module.markdown(result), ""]
         if name == "latency":
             lines += ["![Latency CDF](latency_cdf.png)", "", NOTES]
+        if name == "scale":
+            lines += [SCALE_NOTES]
     return "\n".join(lines)
 
 
