@@ -49,6 +49,17 @@ def read_frames(sock: socket.socket, data: bytes = b"") -> tuple[list[tuple[int,
     return frames, data
 
 
+def attached_outbox(sndbuf: int | None = None) -> tuple[Outbox, socket.socket, socket.socket]:
+    """An outbox owning one end of a socketpair, attached (direct writes allowed): (box, server, client)."""
+    server, client = socket.socketpair()
+    if sndbuf:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    box = Outbox()
+    box.own(FakeWs(server))
+    box.attach(sent_seq=0)
+    return box, server, client
+
+
 def progress(seq: int, preview: bool = True, size: int = 100) -> Item:
     data = {"type": "progress", "seq": seq, **({"preview": {"image": "x" * size}} if preview else {})}
     lite = json.dumps({"type": "progress", "seq": seq}) if preview else None
@@ -72,10 +83,8 @@ def read_frames_from_bytes(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def test_an_attached_socket_gets_each_message_once_written_by_the_producer():
-    server, client = socket.socketpair()
-    box = Outbox()
-    box.own(FakeWs(server))
-    box.attach(sent_seq=2)
+    box, server, client = attached_outbox()
+    box.attach(sent_seq=2)  # the snapshot carried seq 2
     assert box.put(progress(1)) is False  # already in the snapshot: not sent again
     assert box.put(progress(3)) is False  # written directly: no thread to wake
     frames, _ = read_frames(client)
@@ -84,11 +93,7 @@ def test_an_attached_socket_gets_each_message_once_written_by_the_producer():
 
 
 def test_a_stalled_reader_never_blocks_the_producer_and_gets_the_newest_preview():
-    server, client = socket.socketpair()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    box = Outbox()
-    box.own(FakeWs(server))
-    box.attach(sent_seq=0)
+    box, server, client = attached_outbox(sndbuf=4096)
     for seq in range(1, 201):  # ~20 MB offered to a reader that reads nothing
         box.put(progress(seq, size=100_000))
     section = Item("section", 201, json.dumps({"type": "section", "seq": 201}), None, {})
@@ -128,11 +133,7 @@ def read_all_in_background(sock: socket.socket):
 
 
 def test_a_ping_never_lands_inside_a_partly_sent_frame():
-    server, client = socket.socketpair()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    box = Outbox()
-    box.own(FakeWs(server))
-    box.attach(sent_seq=0)
+    box, server, client = attached_outbox(sndbuf=4096)
     box.put(progress(1, size=300_000))  # far more than the buffer: the producer leaves a tail
     assert box._partial
     received = read_all_in_background(client)
