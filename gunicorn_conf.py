@@ -51,6 +51,11 @@ def on_exit(server: Any) -> None:
 
 
 if (os.environ.get("LOG_FORMAT") or "").strip().lower() == "json":
+    # Python warnings (gevent's monkey-patching notes among them) become log records too, so
+    # that every line is one JSON object.
+    import logging
+
+    logging.captureWarnings(True)
     _handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     logconfig_dict = {
         "version": 1,

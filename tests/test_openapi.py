@@ -64,7 +64,7 @@ def test_schemathesis_finds_nothing(tmp_path: Path, config: str):
             config_file.write_text(CONFIG)
             cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config_file), "run",
                    f"{base}/api/openapi.json", "--checks", "all", "--max-examples", "25", "--seed", "1",
-                   "--generation-deterministic", "--workers", "1", *auth]  # fmt: skip
+                   "--generation-deterministic", "--workers", "2", *auth]  # fmt: skip
             out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     tail = out.stdout[-6000:]
     assert out.returncode == 0, tail
