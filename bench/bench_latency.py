@@ -219,7 +219,7 @@ def run(smoke: bool = False, watchers: tuple[int, ...] | None = None, updates: i
     updates = updates or (6 if smoke else 40)
     rate = rate or (5.0 if smoke else 2.0)
     runs = []
-    with BenchStack(worker=False, threads=max(200, 2 * max(watchers) + 100)) as stack:
+    with BenchStack(worker=False) as stack:
         for n in watchers:
             runs.append(measure(stack, "ws", n, updates, rate))
         for mode in ("poll-1s", "poll-100ms"):

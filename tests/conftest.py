@@ -115,7 +115,7 @@ STACK_ENV = {
 
 @contextlib.contextmanager
 def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None = None, password: str | None = None,
-                  threads: int = 400, gpus: str = "", web_processes: int = 1, worker_env: dict[str, str] | None = None,
+                  gpus: str = "", web_processes: int = 1, worker_env: dict[str, str] | None = None,
                   web_env: dict[str, str] | None = None, worker_metrics: bool = False,
                   disk_per_worker: bool = False):  # fmt: skip
     """Valkey (append-only, restartable on its port) + the workers + the webhook worker + the web tier, in ``root``.
@@ -162,7 +162,7 @@ def running_stack(root: Path, tiny_dir: Path, extra_env: dict[str, str] | None =
             live.workers.append(stack.enter_context(Proc(worker_command(hostname=spec.hostname), wenv,
                                                          root / f"{spec.name}.log", echo=False, name=spec.name)))
         stack.enter_context(Proc(webhook_worker_command(), env, root / "webhooks.log", echo=False, name="webhooks"))
-        web = stack.enter_context(Proc(web_command(port, threads=threads, processes=web_processes),
+        web = stack.enter_context(Proc(web_command(port, processes=web_processes),
                                        {**env, **(web_env or {})}, root / "web.log", echo=False, name="web"))
         live.web = web
         wait_http(live.base + "/readyz", 180, proc=web)

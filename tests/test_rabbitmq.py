@@ -37,7 +37,7 @@ def test_rabbitmq_broker_with_redis_backend(live, tmp_path):
     port = free_port()
     with (
         Proc(worker_command(hostname=f"rabbit-{port}@%h"), env, tmp_path / "worker.log", echo=False, name="worker"),
-        Proc(web_command(port, threads=20), env, tmp_path / "web.log", echo=False, name="web") as web,
+        Proc(web_command(port), env, tmp_path / "web.log", echo=False, name="web") as web,
     ):
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/readyz", 180, proc=web)

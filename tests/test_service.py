@@ -350,7 +350,7 @@ def test_a_worker_without_weights_reports_why_and_fails_jobs_readably(live, tmp_
     base = f"http://127.0.0.1:{port}"
     with (
         Proc(worker_command(hostname=f"noweights-{port}@%h"), env, tmp_path / "w.log", echo=False),
-        Proc(web_command(port, threads=20), env, tmp_path / "web.log", echo=False) as web,
+        Proc(web_command(port), env, tmp_path / "web.log", echo=False) as web,
     ):
         wait_http(base + "/healthz", 60, proc=web)
         reason = _wait(lambda: "not found" in (r := httpx.get(base + "/readyz").json())["reason"] and r, 60,
