@@ -164,6 +164,11 @@ class Settings:
     #: How long a worker keeps retrying a job's final through an outage.
     final_retry_seconds: float = 600.0
     torch_threads: int = 0
+    #: The job worker's CPU priority (``nice``, 0-19).  On a host shared with the web tier a
+    #: CPU-bound job would otherwise take half the cores from the fan-out to watchers and from
+    #: requests whenever both want them (docs/benchmarks.md, scale); on a GPU the worker's
+    #: CPU work is mostly launching kernels and barely notices.  0: not lowered.
+    worker_nice: int = 10
     #: The original API's POST /cleanup_jobs keeps this many finished jobs.
     max_completed_jobs: int = 100
     max_upload_bytes: int = 32 * 2**20
@@ -230,6 +235,7 @@ class Settings:
             redis_retry_seconds=_num(env, "FRAMEPACK_REDIS_RETRY_SECONDS", d.redis_retry_seconds),
             final_retry_seconds=_num(env, "FRAMEPACK_FINAL_RETRY_SECONDS", d.final_retry_seconds),
             torch_threads=_num(env, "FRAMEPACK_TORCH_THREADS", d.torch_threads, int),
+            worker_nice=_num(env, "FRAMEPACK_WORKER_NICE", d.worker_nice, int),
             max_completed_jobs=_num(env, "FRAMEPACK_MAX_COMPLETED_JOBS", d.max_completed_jobs, int),
             max_upload_bytes=_num(env, "FRAMEPACK_MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
             ws_send_buffer=_num(env, "FRAMEPACK_WS_SEND_BUFFER", d.ws_send_buffer, int),
