@@ -7,6 +7,7 @@
   and :func:`child_exit` marks each exited worker dead.
 - **File descriptors**: each watcher holds a socket; the soft limit is raised to the hard
   one (often 1,024 soft by default), so capacity is ours to set (``FRAMEPACK_WATCHER_CAPACITY``).
+- **Garbage collection**: see :func:`post_worker_init`.
 - **Logs**: with ``LOG_FORMAT=json`` gunicorn's own lines (start-up, worker boots, the
   access log when enabled) are JSON too, like the application's (``tasks/logs.py``).
 
@@ -68,3 +69,12 @@ if (os.environ.get("LOG_FORMAT") or "").strip().lower() == "json":
             "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
         },
     }
+
+
+
+def post_worker_init(worker: Any) -> None:
+    """The web process's full garbage collections wait for gaps between fan-outs
+    (:mod:`webapp.gcpolicy`)."""
+    from webapp import gcpolicy
+
+    gcpolicy.take_over()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,7 +20,7 @@ from diffusers_helper.video import read_mp4
 from tasks.protocol import MESSAGE_TYPES, Keys
 
 from .conftest import png_bytes
-from .wsclient import watch
+from .wsclient import watch, watch_sse
 
 pytestmark = pytest.mark.slow
 
@@ -82,16 +83,20 @@ def test_two_watchers_same_sequence_and_late_watcher_gets_sections(live):
     blocker = live.submit(total_second_length=2, steps=20)  # keeps the job queued while both connect
     job = live.submit(total_second_length=4, steps=12)
     url = live.ws_base + job["links"]["ws"]
-    a, b = watch(url), watch(url)
-    _wait(lambda: len(a.messages) and len(b.messages), 10, "both snapshots")
+    a, b, events = watch(url), watch(url), watch_sse(f"{live.base}/api/jobs/{job['id']}/events")
+    _wait(lambda: len(a.messages) and len(b.messages) and len(events.messages), 10, "the snapshots")
     assert live.job(blocker["id"])["state"] == "running" and a.messages[0]["seq"] == b.messages[0]["seq"] == 0
     assert a.got_section.wait(60), "no section finished"
     late = watch(url)
-    for w in (a, b, late):
+    for w in (a, b, late, events):
         w.join(90)
     sa, sb = a.seqs(), b.seqs()
     assert len(sa) >= 3 and sa == sb
     assert sa == list(range(sa[0], sa[-1] + 1))
+    # SSE: the same messages, each an event of its type with id = seq, and a clean end
+    assert events.error is None and events.ended and events.messages == a.messages
+    heads = [(f["event"], f.get("id")) for f in events.fields[1:]]
+    assert heads == [(m["type"], str(m["seq"])) for m in a.messages[1:]]
     snap = late.messages[0]
     assert snap["type"] == "snapshot" and snap["job"]["state"] == "running"
     assert len(snap["job"]["sections_done"]) >= 1 and snap["job"]["preview"] is not None
@@ -103,8 +108,9 @@ def _commands(r) -> dict[str, int]:
     return {k: v["calls"] for k, v in r.info("commandstats").items()}
 
 
-def _commands_per_update(live, watchers: int) -> float:
-    """Redis commands per worker update over a window in mid-job (no connects, no end)."""
+def _commands_per_update(live, watchers: int) -> tuple[float, dict[str, int]]:
+    """Redis commands per worker update over a window in mid-job (no connects, no end), and
+    the commands counted."""
     job = live.submit(total_second_length=4, steps=20)
     url = live.ws_base + job["links"]["ws"]
     ws = [watch(url) for _ in range(watchers)]
@@ -127,15 +133,16 @@ def _commands_per_update(live, watchers: int) -> float:
         assert w.seqs() == list(range(w.messages[0]["seq"] + 1, final + 1)), "a watcher missed updates"
     delta = {k: after[k] - before.get(k, 0) for k in after if k != "cmdstat_info"}
     # every worker update is exactly one SETEX of the task meta: count updates by it
-    return sum(delta.values()) / delta["cmdstat_setex"]
+    return sum(delta.values()) / delta["cmdstat_setex"], {k[8:]: v for k, v in delta.items() if v}
 
 
 def test_redis_work_per_update_does_not_grow_with_watchers(live):
-    one = _commands_per_update(live, 1)
-    twenty = _commands_per_update(live, 20)
+    (one, seen_one), (twenty, seen_twenty) = _commands_per_update(live, 1), _commands_per_update(live, 20)
     print(f"redis commands per update: 1 watcher {one:.2f}, 20 watchers {twenty:.2f}")
-    # worker writes (GET+SETEX+PUBLISH, the cancel check) plus the hub's periodic poll: same for any watchers
-    assert twenty <= one * 1.1, (one, twenty)
+    # The worker's writes (GET+SETEX+PUBLISH, the cancel check) are per update; heartbeats, the
+    # sweep and the hub's poll of quiet channels are per second, so a slower window counts a few
+    # more.  Anything done per watcher would add 19 or more per update.
+    assert twenty < one + 5, (seen_one, seen_twenty)
 
 
 def _raw_ws(base: str, path: str, extensions: str | None = None, rcvbuf: int | None = None):
@@ -302,6 +309,24 @@ def test_openapi_is_generated_from_the_schema(live):
 def test_info_says_which_profile_runs(live):
     info = httpx.get(live.base + "/api/info").json()
     assert info["profiles"] == ["tiny"] and info["is_noise"] is True
+
+
+def test_the_job_worker_yields_the_cpu_to_the_web_tier(live):
+    """FRAMEPACK_WORKER_NICE (10): the processes that run jobs, their torch threads
+    included, are niced; the web tier is not."""
+    import psutil
+
+    worker = psutil.Process(live.workers[0].popen.pid)
+    runners = [worker, *worker.children(recursive=True)]
+    threads = [psutil.Process(t.id).nice() for p in runners for t in p.threads() if psutil.pid_exists(t.id)]
+    assert {p.nice() for p in runners} == {10} and set(threads) == {10}
+    assert psutil.Process(live.web.popen.pid).nice() == 0
+    # each runs in a session of its own: with autogroup scheduling, nice only counts if the
+    # worker's session is lowered too
+    autogroup = Path(f"/proc/{worker.pid}/autogroup")
+    if autogroup.exists():
+        assert autogroup.read_text().split()[-1] == "10"
+        assert Path(f"/proc/{live.web.popen.pid}/autogroup").read_text().split()[-1] == "0"
 
 
 def test_webapp_never_imports_torch():

@@ -1,4 +1,4 @@
-"""A small blocking WebSocket watcher for tests (simple-websocket's client)."""
+"""Small blocking watchers for tests: WebSocket (simple-websocket's client) and SSE (httpx)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import threading
 import time
 
+import httpx
 import simple_websocket
 
 
@@ -63,6 +64,46 @@ class Watcher(threading.Thread):
 
 def watch(url: str, timeout: float = 120.0) -> Watcher:
     w = Watcher(url, timeout)
+    w.start()
+    w.connected.wait(10)
+    return w
+
+
+class SseWatcher(Watcher):
+    """The same over ``GET /api/jobs/<id>/events``: records each event's JSON, and each
+    event's ``id:`` and ``event:`` lines (``fields``); ``ended`` is set only when the server
+    ended the stream cleanly (the chunked body's last chunk arrived)."""
+
+    def __init__(self, url: str, timeout: float = 120.0):
+        super().__init__(url, timeout)
+        self.fields: list[dict[str, str]] = []
+        self.ended = False
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("GET", self.url, timeout=self.timeout, trust_env=False) as resp:
+                self.connected.set()
+                fields: dict[str, str] = {}
+                for line in resp.iter_lines():
+                    if line:
+                        name, _, value = line.partition(": ")
+                        fields[name] = value
+                        continue
+                    if "data" in fields:
+                        msg = json.loads(fields["data"])
+                        self.messages.append(msg)
+                        self.fields.append(fields)
+                        self.received_at.append(time.time())
+                        self.got_section.set() if msg["type"] == "section" else None
+                    fields = {}
+                self.ended = True
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+            self.connected.set()
+
+
+def watch_sse(url: str, timeout: float = 120.0) -> SseWatcher:
+    w = SseWatcher(url, timeout)
     w.start()
     w.connected.wait(10)
     return w

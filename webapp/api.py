@@ -232,7 +232,7 @@ def job_events(job_id: str) -> Response:
     """The job's messages as server-sent events (the WebSocket stream's, one per event)."""
     view_or_404(job_id)
     release = sse.admit(service().hub, lambda message, headers: ApiError(503, message, headers=headers))
-    return sse.stream(sse.job_events(service(), job_id), release)
+    return sse.stream(sse.job_events(service(), job_id, sse.connection(request)), release)
 
 
 @bp.post("/api/jobs/<job_id>/cancel")

@@ -45,8 +45,9 @@ class WebMetrics:
                               "(FRAMEPACK_WATCHER_CAPACITY each)", multiprocess_mode="livesum", registry=r)  # fmt: skip
         self.refused = Counter("framepack_watchers_refused", "Watcher streams refused at capacity (WebSocket 1013, "
                                "SSE 503)", registry=r)  # fmt: skip
-        self.fanout = Histogram("framepack_web_fanout_seconds", "Time the hub takes to hand one update to all of its "
-                                "job's watchers in this process", buckets=FANOUT_BUCKETS, registry=r)  # fmt: skip
+        self.fanout = Histogram("framepack_web_fanout_seconds", "Time the hub takes to hand one update (or the "
+                                "several that arrived together) to all of its job's watchers in this process",
+                                buckets=FANOUT_BUCKETS, registry=r)  # fmt: skip
         self.fanout_cpu = Counter("framepack_web_fanout_cpu_seconds", "CPU time of the hub's fan-outs (its thread's; "
                                   "against framepack_web_fanout_seconds: the rest is waiting for a core)",
                                   registry=r)  # fmt: skip

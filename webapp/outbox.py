@@ -1,7 +1,10 @@
 """One watcher's outbox: frames built once, written without blocking, latest preview wins.
 
 Frames are built once per message for every watcher: :func:`text_frame` for WebSockets,
-:func:`sse_event` for event streams (:attr:`Item.frame`, :attr:`Item.event`).
+:func:`sse_event` for event streams (:attr:`Item.frame`, :attr:`Item.event`, and
+:attr:`Item.chunk` for an event stream written straight to its socket).  Updates that arrive
+together go out together (:class:`Batch`): one write per watcher for all of them, since the
+cost of a write is its system call, not its bytes.
 
 This module knows sockets and WebSocket framing, not Redis (:mod:`webapp.hub` feeds it), so
 framing, partial sends and slow readers are tested over a socketpair alone.  It works the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import _socket
 import socket
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +45,17 @@ PING_FRAME = bytes((0x89, 0))
 def sse_event(kind: str | None, data: str, seq: int | None = None) -> str:
     """One server-sent event (``data`` is one line: encoded JSON or plain text)."""
     return (f"id: {seq}\n" if seq else "") + (f"event: {kind}\n" if kind else "") + f"data: {data}\n\n"
+
+
+def http_chunk(data: bytes) -> bytes:
+    """One chunk of an HTTP/1.1 chunked body (what the WSGI server would have framed)."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
+def greenlets_only() -> bool:
+    """True when threading is gevent's (monkey-patched): "threads" are greenlets of one thread."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
 
 
 def nonblocking(sock: Any) -> Any:
@@ -72,6 +87,34 @@ class Item:
         """The message as an SSE event, built once for every event-stream watcher."""
         return sse_event(self.kind, self.text, self.seq).encode()
 
+    @cached_property
+    def chunk(self) -> bytes:
+        return http_chunk(self.event)
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        return (self,)
+
+
+@dataclass
+class Batch:
+    """Updates of one channel that arrived together, in order: each wire form is joined once
+    for every watcher, which then takes them in a single write."""
+
+    items: tuple[Item, ...]
+
+    @cached_property
+    def frame(self) -> bytes:
+        return b"".join(item.frame for item in self.items)
+
+    @cached_property
+    def event(self) -> bytes:
+        return b"".join(item.event for item in self.items)
+
+    @cached_property
+    def chunk(self) -> bytes:
+        return http_chunk(self.event)
+
 
 class Outbox:
     """One watcher's messages.  The producer (the hub's reader thread) never blocks on it.
@@ -90,6 +133,13 @@ class Outbox:
     def __init__(self, limit: int = 2000, stats: dict[str, int] | None = None,
                  accept: Callable[[Item], bool] | None = None):  # fmt: skip
         self.accept = accept
+        self.wire = "frame"  # the attribute of an Item or Batch that is written: frame, event or chunk
+        # Under gevent (gunicorn's gevent worker) the producer's put runs to its end before any
+        # other greenlet: its direct send is on the OS socket and never yields.  Its two locks
+        # would only cost time (half of a fan-out's Python work per watcher, gevent's locks
+        # being Python code; measured), so it takes neither; a socket's handler mid-write
+        # still holds write_lock, which the producer looks at.  Threads take both.
+        self._greenlets = greenlets_only()
         self._items: deque[Item] = deque()
         self.stats = stats if stats is not None else {}
         self._cond = threading.Condition(threading.Lock())  # never re-entered: a plain lock is cheaper
@@ -105,45 +155,69 @@ class Outbox:
         self.dead = False
 
     # -- producer side --------------------------------------------------------------------
-    def put(self, item: Item) -> bool:
-        """Deliver or queue ``item``; True when the socket's thread has work (call :meth:`wake`).
+    def put(self, msg: Item | Batch) -> bool:
+        """Deliver or queue ``msg`` (one update or several in order); True when the socket's
+        thread has work (call :meth:`wake`).
 
         The producer wakes threads only after it has offered a message to every watcher,
         so hundreds of waking threads never slow the direct writes to the rest."""
-        if self.accept is not None and not self.accept(item):
-            return False
+        every = items = msg.items
+        if self.accept is not None:
+            items = tuple(item for item in items if self.accept(item))
+            if not items:
+                return False
+        if self._greenlets:  # nothing else runs until we return: see __init__
+            return self._put(msg, every, items)
         with self._cond:
-            if self._sock is not None and not (self._items or self._partial or self.dead):
-                if item.seq and item.seq <= self.sent_seq:
-                    return False
-                if self._send_now(item):
-                    return bool(self._partial) or self.dead or item.kind == "final"
+            return self._put(msg, every, items)
+
+    def _put(self, msg: Item | Batch, every: tuple[Item, ...], items: tuple[Item, ...]) -> bool:
+        """``put`` under the lock (or alone); ``every``: all of ``msg``'s items, ``items``:
+        those this watcher accepts.  Short on purpose: it runs once per watcher per update."""
+        if self._sock is not None and not (self._items or self._partial or self.dead):
+            if len(items) == 1:
+                fresh = items if not items[0].seq or items[0].seq > self.sent_seq else ()
+            else:
+                fresh = tuple(item for item in items if not item.seq or item.seq > self.sent_seq)
+            if not fresh:
+                return False
+            # the bytes shared by every watcher, unless this one takes only some of them
+            data = getattr(msg if len(fresh) == len(every) else Batch(fresh), self.wire)
+            if self._send_now(data, fresh):
+                return bool(self._partial) or self.dead or self.final_sent
+        for item in items:
             self._queue(item)
-            return True
+        return True
 
     def wake(self) -> None:
         with self._cond:
             self._cond.notify()
 
-    def _send_now(self, item: Item) -> bool:
-        """Write ``item`` without blocking; False if the socket took none of it."""
+    def _send_now(self, data: bytes, items: tuple[Item, ...]) -> bool:
+        """Write ``data`` (``items`` on the wire) without blocking; False if the socket took
+        none of it."""
+        if self._greenlets:  # no other greenlet can start a write before this send returns
+            return False if self.write_lock.locked() else self._send(data, items)
         if not self.write_lock.acquire(blocking=False):
             return False  # someone is writing: queue instead
         try:
-            frame = item.frame
-            try:
-                n = self._sock.send(frame, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return False
-            except OSError:
-                self.dead = True
-                return True
-            self._mark_sent(item)
-            if n < len(frame):  # the rest goes before any other write (see write_external)
-                self._partial = frame[n:]
-            return True
+            return self._send(data, items)
         finally:
             self.write_lock.release()
+
+    def _send(self, data: bytes, items: tuple[Item, ...]) -> bool:
+        try:
+            n = self._sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.dead = True
+            return True
+        for item in items:
+            self._mark_sent(item)
+        if n < len(data):  # the rest goes before any other write (see write_external)
+            self._partial = data[n:]
+        return True
 
     def _mark_sent(self, item: Item) -> None:
         self.sent_seq = max(self.sent_seq, item.seq)
@@ -171,6 +245,14 @@ class Outbox:
         self._raw = ws.sock
         ws.sock = LockedSocket(ws.sock, self)
         self._nb = nonblocking(self._raw)
+
+    def own_stream(self, sock: Any, chunked: bool) -> None:
+        """Write an event stream to its connection ourselves (nobody else writes to it until
+        the response ends), as HTTP/1.1 chunks or, for HTTP/1.0, as they are; see
+        :func:`webapp.sse.job_events`."""
+        self._raw = sock
+        self._nb = nonblocking(sock)
+        self.wire = "chunk" if chunked else "event"
 
     def attach(self, sent_seq: int) -> None:
         """Allow direct writes once the snapshot (seq ``sent_seq``) is on the wire."""
@@ -216,7 +298,7 @@ class Outbox:
                     item = self._items.popleft()
                     if item.seq and item.seq <= self.sent_seq:
                         return "sent"
-                    data = item.frame
+                    data = getattr(item, self.wire)
                 else:
                     return "sent"
             try:
