@@ -47,11 +47,13 @@ import os
 import re
 import resource
 import socket
+import statistics
 import struct
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -344,13 +346,29 @@ async def _raw_watcher(host: str, port: int, path: str, kind: str, w: Watcher) -
     proto.transport.close()
 
 
+@dataclass(frozen=True)
+class Setup:
+    """How the watchers and the web tier are run (the command-line flags of a run)."""
+
+    sse_share: float = 0.25
+    clients: int = 4
+    library: bool = False
+    web_processes: int = 1
+
+    def flags(self) -> str:
+        """The command-line flags that give this setup."""
+        return ((f" --sse-share {self.sse_share:g}" if self.sse_share != 0.25 else "")
+                + (f" --clients {self.clients}" if self.clients != 4 else "")
+                + (" --library-clients" if self.library else "")
+                + (f" --web-processes {self.web_processes}" if self.web_processes > 1 else ""))  # fmt: skip
+
+
 def is_sse(i: int, share: float) -> bool:
     """Watcher ``i`` is an SSE one: spreads ``share`` evenly (0.25: every 4th, from the 4th)."""
     return int((i + 1) * share) > int(i * share)
 
 
-def _client_process(ws_url: str, sse_url: str, first: int, n: int, sse_share: float, library: bool,
-                    conn: Any) -> None:  # fmt: skip
+def _client_process(ws_url: str, sse_url: str, first: int, n: int, setup: Setup, conn: Any) -> None:
     """``n`` watchers (global numbers ``first``...); says "ready", then sends what each saw."""
     gc.disable()  # the measuring client must not add its own collector pauses to the numbers
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -358,12 +376,12 @@ def _client_process(ws_url: str, sse_url: str, first: int, n: int, sse_share: fl
 
     async def main() -> None:
         gate = Gate(n)
-        watchers = [Watcher("sse" if is_sse(first + k, sse_share) else "ws", gate) for k in range(n)]
+        watchers = [Watcher("sse" if is_sse(first + k, setup.sse_share) else "ws", gate) for k in range(n)]
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60, read=None), trust_env=False) as sse:
             tasks = []
             for k, w in enumerate(watchers):
-                if not library:
+                if not setup.library:
                     url = urlsplit(ws_url if w.kind == "ws" else sse_url)
                     coro = _raw_watcher(url.hostname, url.port, url.path, w.kind, w)
                 elif w.kind == "ws":
@@ -569,9 +587,11 @@ class Prober:
         self.client = httpx.Client(base_url=base, timeout=30, trust_env=False)
         self.path = f"/api/jobs/{job_id}"
         self.ms: list[float] = []
+        self.at: list[float] = []  # when each probe began (time.time(), the watchers' clock)
         self.statuses: dict[str, int] = {}
 
     def probe(self) -> None:
+        self.at.append(time.time())
         t0 = time.perf_counter()
         try:
             status = str(self.client.get(self.path).status_code)
@@ -593,7 +613,7 @@ def _probe_process(base: str, job_id: str, running: Any, stop: Any, conn: Any) -
         ticks.start()
     stop.wait()
     ticks.stop()
-    conn.send((prober.ms, prober.statuses))
+    conn.send((prober.ms, prober.at, prober.statuses))
 
 
 class ProbeProcess:
@@ -606,6 +626,7 @@ class ProbeProcess:
         self._proc = ctx.Process(target=_probe_process, args=(stack.base, job_id, running, self._stop, child),
                                  daemon=True)  # fmt: skip
         self.ms: list[float] = []
+        self.at: list[float] = []
         self.statuses: dict[str, int] = {}
 
     def __enter__(self) -> ProbeProcess:
@@ -615,7 +636,7 @@ class ProbeProcess:
     def finish(self) -> None:
         self._stop.set()
         if self._conn.poll(60):
-            self.ms, self.statuses = self._conn.recv()
+            self.ms, self.at, self.statuses = self._conn.recv()
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
@@ -627,17 +648,16 @@ class ProbeProcess:
 class Clients:
     """The watcher processes: ``n`` watchers split over ``processes`` spawned clients."""
 
-    def __init__(self, stack: BenchStack, job_id: str, n: int, sse_share: float, processes: int,
-                 library: bool = False):  # fmt: skip
+    def __init__(self, stack: BenchStack, job_id: str, n: int, setup: Setup):
         ctx = mp.get_context("spawn")
-        processes = max(1, min(processes, n))
+        processes = max(1, min(setup.clients, n))
         sizes = [n // processes + (i < n % processes) for i in range(processes)]
         ws_url, sse_url = f"{stack.ws_base}/ws/jobs/{job_id}", f"{stack.base}/api/jobs/{job_id}/events"
         self.conns, self.procs, first = [], [], 0
         for size in sizes:
             parent, child = ctx.Pipe()
             self.conns.append(parent)
-            args = (ws_url, sse_url, first, size, sse_share, library, child)
+            args = (ws_url, sse_url, first, size, setup, child)
             self.procs.append(ctx.Process(target=_client_process, args=args, daemon=True))
             first += size
         self.reports: list[tuple] = []
@@ -740,7 +760,8 @@ def scrape(stack: BenchStack) -> dict[str, float]:
 
 
 def fanout_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
-    """Mean ms the hub took to hand one update to all watchers (None: the metric is absent)."""
+    """Mean ms the hub took to hand one update, or several that arrived together, to all
+    watchers (None: the metric is absent)."""
     name = "framepack_web_fanout_seconds"
     if f"{name}_count" not in after:
         return None
@@ -793,20 +814,19 @@ class CpuWindow:
         return {k: round(cpu_delta(self.before[k], self.after[k]) / wall, 3) for k in self.after} if wall > 0 else {}
 
 
-def measure(server: str, watchers: int, form: dict[str, str], sse_share: float, processes: int,
-            library: bool = False, web_processes: int = 1) -> dict[str, Any]:  # fmt: skip
+def measure(server: str, watchers: int, form: dict[str, str], setup: Setup) -> dict[str, Any]:
     """One (server, N) point on a fresh stack; see the module docstring for the steps."""
     env = {"FRAMEPACK_TORCH_THREADS": "1", "FRAMEPACK_WATCHER_CAPACITY": str(watchers + 100)}
     # gunicorn's gthread worker also stops accepting at --worker-connections (default 1,000),
     # whatever --threads says: uncapped means room for the threads plus keep-alive
     extra = ["--worker-connections", str(watchers + 1100)] if server == "gthread" else []
-    extra += ["-w", str(web_processes)] if web_processes > 1 else []  # after web_command's own -w: it wins
+    extra += ["-w", str(setup.web_processes)] if setup.web_processes > 1 else []  # after web_command's own -w: it wins
     with BenchStack(worker=False, server=server, threads=watchers + 100, env=env, web_args=extra) as stack:
         job_id = submit(stack, form)
         web = stack.web_pid()
         rss = {"idle": rss_mb(web)}
         try:
-            with Clients(stack, job_id, watchers, sse_share, processes, library) as clients:
+            with Clients(stack, job_id, watchers, setup) as clients:
                 t = time.monotonic()
                 attached = clients.wait_ready()
                 attach_s = time.monotonic() - t
@@ -816,12 +836,19 @@ def measure(server: str, watchers: int, form: dict[str, str], sse_share: float, 
             raise RuntimeError(f"{exc}; web log: {log_problems(stack.root / 'web.log')}") from exc
         cores = observed.pop("cpu").cores()
         web_log = log_problems(stack.root / "web.log")
-    return {"server": server, "watchers": watchers, "attached_at_ready": attached, "attach_s": round(attach_s, 2),
+    return {"server": server, "web_processes": setup.web_processes,
+            "watchers": watchers, "attached_at_ready": attached,
+            "attach_s": round(attach_s, 2),
             **summarize(observed["channel"].seen, clients.reports), "rss_mb": {k: round(v, 1) for k, v in rss.items()},
             "kb_per_watcher": (rss["attached"] - rss["idle"]) * 1024 / max(1, attached),
             "rest_ms": percentiles(observed["prober"].ms), "rest_statuses": observed["prober"].statuses,
+            # the five slowest probes: [s after the first update, ms]
+            "rest_slowest": sorted(([round(at - min(observed["channel"].seen.values())[0], 3), round(ms, 1)]
+                                    for at, ms in zip(observed["prober"].at, observed["prober"].ms, strict=True)),
+                                   key=lambda p: -p[1])[:5],
             "fanout_ms_per_update": observed["fanout"],
-            "fanout_cpu_ms_per_update": observed["fanout_cpu"], "run_s": observed["run_s"], "cores": cores,
+            "fanout_cpu_ms_per_update": observed["fanout_cpu"], "fanouts": observed["fanouts"],
+            "run_s": observed["run_s"], "cores": cores,
             "reference_lag_ms": observed["reference_lag_ms"], "web_log": web_log,
             "clients_cpu_s_self": round(clients.self_cpu_s, 2)}  # fmt: skip
 
@@ -850,12 +877,15 @@ def _run_job(stack: BenchStack, job_id: str, clients: Clients, web: int, rss: di
     run_s = channel.seen[max(channel.seen)][0] - channel.seen[min(channel.seen)][0]
     return {"channel": channel, "prober": prober, "cpu": cpu, "fanout": fanout_ms(before, after := scrape(stack)),
             "fanout_cpu": fanout_cpu_ms(before, after),
+            "fanouts": int(after.get("framepack_web_fanout_seconds_count", 0)
+                           - before.get("framepack_web_fanout_seconds_count", 0)),
             "run_s": round(run_s, 2), "reference_lag_ms": percentiles(channel.lag_ms)}  # fmt: skip
 
 
 def summarize(seen: dict[int, tuple[float, str]], reports: list[tuple]) -> dict[str, Any]:
     """Latency over every (attached watcher, published update) pair; what was missed; who failed."""
     latencies: dict[str, list[float]] = {"ws": [], "sse": []}
+    by_seq: dict[int, list[float]] = {}  # seq -> every watcher's latency for it (where the tail is)
     missed: dict[int, int] = {}  # seq -> attached watchers that never got it
     first_ms: dict[int, float] = {}  # seq -> the earliest receipt, ms after the reference saw it
     without_final = 0
@@ -872,6 +902,8 @@ def summarize(seen: dict[int, tuple[float, str]], reports: list[tuple]) -> dict[
             if seq in seen and seq not in got:
                 got[seq] = (now - seen[seq][0]) * 1000
                 first_ms[seq] = min(first_ms.get(seq, got[seq]), got[seq])
+        for seq, ms in got.items():
+            by_seq.setdefault(seq, []).append(ms)
         for seq in seen.keys() - got.keys():
             missed[seq] = missed.get(seq, 0) + 1
         without_final += not final
@@ -887,23 +919,27 @@ def summarize(seen: dict[int, tuple[float, str]], reports: list[tuple]) -> dict[
         "latency_ms": percentiles(latencies["ws"] + latencies["sse"]),
         "latency_ms_by_transport": {k: percentiles(v) for k, v in latencies.items()},
         "min_latency_ms": min(first_ms.values(), default=None),
+        # per update: published when (s after the first), its type, p50 / p99 over its watchers
+        "t0": seen[min(seen)][0], "by_update": [[seq, round(seen[seq][0] - seen[min(seen)][0], 3), seen[seq][1],
+                       round(percentiles(by_seq[seq])["p50"], 1), round(percentiles(by_seq[seq])["p99"], 1)]
+                      for seq in sorted(by_seq)],
         # updates some watcher had before the reference saw them: how far to trust the reference
         "reference_late_ms": {f"{seq} {seen[seq][1]}": round(-ms, 1) for seq, ms in sorted(first_ms.items())
                               if ms < 0},  # fmt: skip
     }  # fmt: skip
 
 
-def _guarded(server: str, n: int, form: dict[str, str], sse_share: float, processes: int,
-             library: bool, web_processes: int) -> dict[str, Any]:  # fmt: skip
+def _guarded(server: str, n: int, form: dict[str, str], setup: Setup) -> dict[str, Any]:
     """One point; a failure (the old server at 2,000 watchers, say) is a result, not a crash."""
     import sys
 
     print(f"  scale: {server}, {n} watchers ...", file=sys.stderr, flush=True)
     try:
-        return measure(server, n, form, sse_share, processes, library, web_processes)
+        return measure(server, n, form, setup)
     except Exception as exc:  # noqa: BLE001 — recorded in the result and shown in the table
         where = [f"{f.name}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__) if "/bench/" in f.filename]
-        return {"server": server, "watchers": n, "error": f"{type(exc).__name__}: {exc}", "where": where}
+        return {"server": server, "watchers": n,
+                "error": f"{type(exc).__name__}: {exc}", "where": where}  # fmt: skip
 
 
 def run(smoke: bool = False, watchers: tuple[int, ...] | None = None, servers: tuple[str, ...] | None = None,
@@ -911,29 +947,21 @@ def run(smoke: bool = False, watchers: tuple[int, ...] | None = None, servers: t
         web_processes: int = 1) -> dict[str, Any]:  # fmt: skip
     watchers = watchers or ((20,) if smoke else WATCHERS)
     servers = servers or SERVERS
-    sse_share = 0.25 if sse_share is None else sse_share
-    clients = clients or 4
+    setup = Setup(0.25 if sse_share is None else sse_share, clients or 4, library_clients, web_processes)
     form = SMOKE_FORM if smoke else FORM
-    runs = [_guarded(server, n, form, sse_share, clients, library_clients, web_processes)
-            for server in servers for n in watchers]
+    runs = [_guarded(server, n, form, setup) for server in servers for n in watchers]
+    floor = send_floor(max(watchers), setup.clients)
     command = "python -m bench.bench_scale" + (" --smoke" if smoke else "")
     if watchers != ((20,) if smoke else WATCHERS):
         command += " --watchers " + ",".join(map(str, watchers))
     if tuple(servers) != SERVERS:
         command += " --servers " + ",".join(servers)
-    if sse_share != 0.25:
-        command += f" --sse-share {sse_share:g}"
-    if clients != 4:
-        command += f" --clients {clients}"
-    if library_clients:
-        command += " --library-clients"
-    if web_processes > 1:
-        command += f" --web-processes {web_processes}"
+    command += setup.flags()
     return {"benchmark": "scale", "smoke": smoke, "command": command, "watchers": list(watchers),
-            "servers": list(servers), "sse_share": sse_share, "clients": clients, "library_clients": library_clients,
-            "web_processes": web_processes,
+            "servers": list(servers), "sse_share": setup.sse_share,
+            "clients": setup.clients, "library_clients": setup.library, "web_processes": setup.web_processes,
             "job": form,
-            "machine": machine_facts(), "runs": runs}  # fmt: skip
+            "machine": machine_facts(), "runs": runs, "send_floor": floor}  # fmt: skip
 
 
 def _row(r: dict[str, Any]) -> str:
@@ -943,7 +971,8 @@ def _row(r: dict[str, Any]) -> str:
     notes += [f"{r['without_final']} without final"] if r["without_final"] else []
     logged = r["web_log"]["counts"]
     notes += [f"{logged['Traceback']} tracebacks in the web log"] if logged.get("Traceback") else []
-    notes += ["web worker restarted"] if logged.get("Booting worker", 1) > 1 or logged.get("WORKER TIMEOUT") else []
+    booted = logged.get("Booting worker", 1) > r.get("web_processes", 1)
+    notes += ["web worker restarted"] if booted or logged.get("WORKER TIMEOUT") else []
     lat, rss, cores, nan = r["latency_ms"], r["rss_mb"], r["cores"], float("nan")
     fan, fan_cpu = r["fanout_ms_per_update"], r.get("fanout_cpu_ms_per_update")
     return (
@@ -951,9 +980,89 @@ def _row(r: dict[str, Any]) -> str:
         f"| {lat.get('p50', nan):.1f} | {lat.get('p95', nan):.1f} | {lat.get('p99', nan):.1f} | {r['missed']} "
         f"| {r['rest_ms'].get('p99', nan):.1f} | {rss['idle']:.0f} → {rss['attached']:.0f} (peak {rss['peak']:.0f}) "
         f"| {r['kb_per_watcher']:.0f} | {'n/a' if fan is None else f'{fan:.1f}'} "
-        f"({'n/a' if fan_cpu is None else f'{fan_cpu:.1f}'}) "
+        f"({'n/a' if fan_cpu is None else f'{fan_cpu:.1f}'}) × {r.get('fanouts', '?')} / {r['published']} "
         f"| {cores.get('web', nan):.2f} / {cores.get('clients', nan):.2f} / {cores.get('worker', nan):.2f} |"
     )
+
+
+# -- the floor: what one write per watcher costs by itself -------------------------------------------------
+
+FLOOR_FRAME = 9_000  # bytes: a progress message with its preview at the 256 bucket
+FLOOR_ROUNDS = 20
+
+
+def _drain_process(port: int, n: int, conn: Any) -> None:
+    """``n`` loopback connections to ``port``, read and discarded until they close."""
+    import selectors
+
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    sel = selectors.DefaultSelector()
+    for sock in socks:
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ)
+    conn.send("connected")
+    while socks:
+        for key, _ in sel.select():
+            try:
+                data = key.fileobj.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                sel.unregister(key.fileobj)
+                socks.remove(key.fileobj)
+
+
+def send_floor(n: int, clients: int = 4) -> dict[str, float]:
+    """CPU µs per watcher of the bare minimum of a fan-out: a loop of one non-blocking
+    ``send`` of the same ~9 KB frame to each of ``n`` loopback connections, read by
+    ``clients`` processes (no web tier, no worker: the kernel's share of the hub's fan-out,
+    which on loopback pays the receiving side's TCP work and wake-ups too)."""
+    ctx = mp.get_context("spawn")
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    port = listener.getsockname()[1]
+    sizes = [n // clients + (i < n % clients) for i in range(clients)]
+    pipes = [ctx.Pipe() for _ in sizes]
+    procs = [ctx.Process(target=_drain_process, args=(port, size, child), daemon=True)
+             for size, (_parent, child) in zip(sizes, pipes, strict=True)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    socks = [listener.accept()[0] for _ in range(n)]
+    for parent, _child in pipes:
+        parent.recv()
+    frame = b"x" * FLOOR_FRAME
+    per_send = []
+    try:
+        for _ in range(FLOOR_ROUNDS):
+            time.sleep(0.2)  # the readers are done with the previous round
+            cpu = time.thread_time()
+            for sock in socks:
+                try:
+                    sock.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+            per_send.append((time.thread_time() - cpu) / n * 1e6)
+    finally:
+        for sock in socks:
+            sock.close()
+        listener.close()
+        for proc in procs:
+            proc.join(10)
+    return {"us_per_watcher": round(statistics.median(per_send), 1), "rounds": FLOOR_ROUNDS, "watchers": n}
+
+
+def _floor_lines(result: dict[str, Any]) -> list[str]:
+    """The hub's CPU per watcher at the largest N next to the bare send's (:func:`send_floor`)."""
+    floor = result.get("send_floor")
+    if not floor:
+        return []
+    hub = [r["fanout_cpu_ms_per_update"] * 1000 / r["watchers"] for r in result["runs"]
+           if "error" not in r and r["server"] == result["servers"][0] and r["watchers"] == floor["watchers"]
+           and r.get("fanout_cpu_ms_per_update")]  # fmt: skip
+    ours = f"{hub[0]:.1f} µs for the hub's fan-out ({result['servers'][0]})" if hub else "no fan-out measured"
+    return [f"The floor: one non-blocking `send` of a {FLOOR_FRAME // 1000} KB frame to each of {floor['watchers']:,} "
+            f"loopback connections read by the same client processes, from a plain loop (no web tier; "
+            f"`send_floor`, median of {floor['rounds']} rounds), costs {floor['us_per_watcher']:.1f} µs of CPU per "
+            f"watcher, against {ours}.", ""]  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -970,19 +1079,22 @@ def markdown(result: dict[str, Any]) -> str:
         f"{share:.0%} SSE; latency = a watcher's receive − the update's publish on the job's Redis channel; "
         "`gthread` runs with N + 100 threads and N + 1,100 worker connections).",
         "",
-        "| server | watchers | p50 ms | p95 ms | p99 ms | missed | REST p99 ms | web RSS MB (idle → attached) "
-        "| KB per watcher | fan-out ms/update (CPU) | cores: web / clients / worker |",
+        "| server | watchers | p50 ms | p95 ms | p99 ms | missed | REST p99 ms "
+        "| web RSS MB (idle → attached) | KB per watcher | fan-out ms (CPU) × fan-outs / updates "
+        "| cores: web / clients / worker |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(r) for r in result["runs"]),
         "",
+        *_floor_lines(result),
         f"How to read it: everything shares this machine's {result['machine']['cores']} cores, the measuring "
-        "clients included. Cores are CPU seconds / wall seconds over the run (first update to the last watcher's "
-        "final), an average: each update is a burst in which the web process and the clients queue for the core "
-        "the worker's torch thread leaves; fan-out (`framepack_web_fanout_seconds`) is the web "
-        "tier's own time to hand one update to every watcher, wall clock, with its CPU time in brackets "
-        "(`framepack_web_fanout_cpu_seconds`): the difference is the hub waiting for a core. Missed: (attached "
-        "watcher, published update) pairs "
-        "never received; KB per watcher: (attached − idle RSS) / watchers attached.",
+        "clients included; the worker runs its torch thread at nice 10 (`FRAMEPACK_WORKER_NICE`, the default, "
+        "its session's autogroup too). Cores are CPU seconds / wall seconds over the run (first update to the "
+        "last watcher's final), an average: each update is a burst. "
+        "Fan-out (`framepack_web_fanout_seconds`) is the web tier's own time to hand an update, or the several "
+        "that arrived together, to every watcher, wall clock (REST requests are served between slices of "
+        "it), with its CPU time in brackets (`framepack_web_fanout_cpu_seconds`), then how many fan-outs "
+        "carried how many updates. Missed: (attached watcher, published update) pairs never received; KB per "
+        "watcher: (attached − idle RSS) / watchers attached.",
     ])  # fmt: skip
 
 

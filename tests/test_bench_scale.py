@@ -37,5 +37,8 @@ def test_scale_benchmark_smoke(tiny_dir, monkeypatch):
         assert 0 < r["rss_mb"]["idle"] <= r["rss_mb"]["peak"] and r["rss_mb"]["attached"] <= r["rss_mb"]["peak"]
         assert all(r["cores"][k] > 0 for k in ("web", "clients", "worker")), (server, r["cores"])
         assert r["fanout_ms_per_update"] is not None and r["fanout_ms_per_update"] > 0
+        assert 0 < r["fanouts"] <= r["published"]
     text = bench_scale.markdown(result)
+    floor = result["send_floor"]
+    assert floor["watchers"] == 20 and floor["us_per_watcher"] > 0 and "The floor:" in text
     assert "### Thousands of watchers per web host" in text and "| gevent | 20 |" in text
