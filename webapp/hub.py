@@ -61,6 +61,24 @@ def let_others_run() -> None:
         time.sleep(0)
 
 
+class _CpuClock:
+    """This thread's CPU time in a fan-out, less the pauses in which others run."""
+
+    def __init__(self) -> None:
+        self.cpu, self._mark = 0.0, time.thread_time()
+
+    def pause(self) -> None:
+        """Under gevent a fan-out is the only thing the process runs until it ends: between
+        slices, waiting requests get their turn, so REST stays responsive."""
+        self.cpu += time.thread_time() - self._mark
+        let_others_run()
+        self._mark = time.thread_time()
+
+    def stop(self) -> float:
+        self.cpu += time.thread_time() - self._mark
+        return self.cpu
+
+
 class JobHub:
     def __init__(self, redis_url: str, decorate: Transform, poll_interval: float = 2.0, metrics: Any = None,
                  capacity: int = 0):  # fmt: skip
@@ -186,25 +204,18 @@ class JobHub:
                     self._poll([channel])
             # Whatever has arrived meanwhile is fanned out together: while one update goes to
             # 2,000 sockets the next few arrive (a job's start is a burst of stage updates),
-            # and one write each for all of them costs little more than for one.
+            # and one write each for all of them costs little more than for one.  A fan-out
+            # also takes in its channel's updates that arrive while it runs (``absorb``).
             arrived: dict[str, list[bytes]] = {}
-            msg, n = ps.get_message(timeout=0.05), 0
-            while msg is not None:
-                if msg["type"] == "message":
-                    arrived.setdefault(msg["channel"].decode(), []).append(msg["data"])
-                    n += 1
-                elif msg["type"] == "subscribe":
-                    with self._lock:
-                        confirmed = self._subscribed.get(msg["channel"].decode())
-                    if confirmed is not None:
-                        confirmed.set()
-                msg = ps.get_message(timeout=0) if n < BATCH_LIMIT else None  # only what is here already
-            for channel, raws in arrived.items():
+            busy = self._read(ps, arrived, timeout=0.05)
+            while arrived:
+                channel = next(iter(arrived))
+                raws = arrived.pop(channel)
                 live.add(channel)
-                self._dispatch(channel, raws, live=True)
+                self._dispatch(channel, raws, live=True, absorb=lambda c=channel: self._absorb(ps, arrived, c))
             if ps.connection.can_read(timeout=0):
                 continue  # polls and collections wait until nothing received is left unread
-            gcpolicy.collect_if_due(gap=not arrived)  # a full garbage collection: here, not in a fan-out
+            gcpolicy.collect_if_due(gap=not busy)  # a full garbage collection: here, not in a fan-out
             if time.monotonic() >= next_poll:
                 # Only channels that were quiet, and only once everything received is read:
                 # a poll's newer update would otherwise overtake ones still queued here,
@@ -215,6 +226,28 @@ class JobHub:
                 self._poll(quiet)
                 next_poll = time.monotonic() + self.poll_interval
 
+    def _read(self, ps: Any, arrived: dict[str, list[bytes]], timeout: float) -> int:
+        """Add the updates already received (waiting up to ``timeout`` for a first one) to
+        ``arrived`` (channel -> payloads, in order); confirm subscriptions.  Returns how many."""
+        msg, n = ps.get_message(timeout=timeout), 0
+        while msg is not None:
+            if msg["type"] == "message":
+                arrived.setdefault(msg["channel"].decode(), []).append(msg["data"])
+                n += 1
+            elif msg["type"] == "subscribe":
+                with self._lock:
+                    confirmed = self._subscribed.get(msg["channel"].decode())
+                if confirmed is not None:
+                    confirmed.set()
+            msg = ps.get_message(timeout=0) if n < BATCH_LIMIT else None  # only what is here already
+        return n
+
+    def _absorb(self, ps: Any, arrived: dict[str, list[bytes]], channel: str) -> list[bytes]:
+        """``channel``'s updates received since its fan-out began (other channels' wait in
+        ``arrived``)."""
+        self._read(ps, arrived, timeout=0)
+        return arrived.pop(channel, [])
+
     def _poll(self, channels: list[str]) -> None:
         keys = [c for c in channels if c.startswith(CELERY_META_PREFIX)]
         if not keys:
@@ -224,39 +257,51 @@ class JobHub:
             if raw is not None:
                 self._dispatch(channel, [raw])
 
-    def _dispatch(self, channel: str, raws: list[bytes], live: bool = False) -> None:
-        """Fan out the updates ``raws`` of one channel, in order, together.  ``live``: just
-        published (a poll's re-read of an older update is not latency)."""
+    def _items(self, channel: str, raws: list[bytes]) -> tuple[Item, ...]:
         if channel.startswith(CELERY_META_PREFIX):
             job_id = channel[len(CELERY_META_PREFIX) :]
-            items = tuple(item for raw in raws if (item := self._job_item(job_id, raw)) is not None)
-        else:
-            items = tuple(Item("jobs", 0, raw.decode(), None, json.loads(raw)) for raw in raws)
+            return tuple(item for raw in raws if (item := self._job_item(job_id, raw)) is not None)
+        return tuple(Item("jobs", 0, raw.decode(), None, json.loads(raw)) for raw in raws)
+
+    def _dispatch(self, channel: str, raws: list[bytes], live: bool = False,
+                  absorb: Callable[[], list[bytes]] | None = None) -> None:  # fmt: skip
+        """Fan out the updates ``raws`` of one channel, in order, together.  ``live``: just
+        published (a poll's re-read of an older update is not latency).  ``absorb``: the
+        channel's updates received since; looked at between slices, they join this fan-out
+        for the watchers still to come, and the watchers already served get them right after
+        (in a burst, an update then waits for one fan-out, not for two)."""
+        items = self._items(channel, raws)
         if not items:
             return
-        msg = items[0] if len(items) == 1 else Batch(items)
-        self.stats["messages"] += len(items)
-        started, cpu, mark = time.perf_counter(), 0.0, time.thread_time()
+        msg: Item | Batch = items[0] if len(items) == 1 else Batch(items)
+        started, clock = time.perf_counter(), _CpuClock()
         with self._lock:
             outboxes = list(self._watchers.get(channel, ()))
         to_wake = []
+        late: list[tuple[int, Batch]] = []  # (watchers served before, the updates they lack)
         for i, box in enumerate(outboxes, 1):
             if box.put(msg):
                 to_wake.append(box)
             if i % FANOUT_SLICE == 0 and i < len(outboxes):
-                # Under gevent this loop is the only thing the process runs until it ends:
-                # let waiting requests in between slices, so REST stays responsive.
-                cpu += time.thread_time() - mark
-                let_others_run()
-                mark = time.thread_time()
+                clock.pause()
+                if absorb is not None and (new := self._items(channel, absorb())):
+                    late.append((i, Batch(new)))
+                    items += new
+                    msg = Batch(items)
+        for served, batch in late:
+            for i, box in enumerate(outboxes[:served], 1):
+                if box.put(batch):
+                    to_wake.append(box)
+                if i % FANOUT_SLICE == 0:
+                    clock.pause()
         for box in to_wake:
             box.wake()
-        cpu += time.thread_time() - mark
+        self.stats["messages"] += len(items)
         self.stats["delivered"] += len(outboxes) * len(items)
         if not outboxes or self.metrics is None:
             return
         self.metrics.fanout.observe(time.perf_counter() - started)
-        self.metrics.fanout_cpu.inc(cpu)
+        self.metrics.fanout_cpu.inc(clock.stop())
         for item in items if live else ():
             if item.data.get("preview") and item.data.get("emitted_at"):
                 self.metrics.preview_latency.observe(max(0.0, time.time() - float(item.data["emitted_at"])))
