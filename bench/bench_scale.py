@@ -950,7 +950,7 @@ def run(smoke: bool = False, watchers: tuple[int, ...] | None = None, servers: t
     setup = Setup(0.25 if sse_share is None else sse_share, clients or 4, library_clients, web_processes)
     form = SMOKE_FORM if smoke else FORM
     runs = [_guarded(server, n, form, setup) for server in servers for n in watchers]
-    floor = send_floor(max(watchers), setup.clients)
+    floor = send_floor(max(watchers), setup.clients, 3 if smoke else FLOOR_ROUNDS)
     command = "python -m bench.bench_scale" + (" --smoke" if smoke else "")
     if watchers != ((20,) if smoke else WATCHERS):
         command += " --watchers " + ",".join(map(str, watchers))
@@ -1012,7 +1012,7 @@ def _drain_process(port: int, n: int, conn: Any) -> None:
                 socks.remove(key.fileobj)
 
 
-def send_floor(n: int, clients: int = 4) -> dict[str, float]:
+def send_floor(n: int, clients: int = 4, rounds: int = FLOOR_ROUNDS) -> dict[str, float]:
     """CPU µs per watcher of the bare minimum of a fan-out: a loop of one non-blocking
     ``send`` of the same ~9 KB frame to each of ``n`` loopback connections, read by
     ``clients`` processes (no web tier, no worker: the kernel's share of the hub's fan-out,
@@ -1032,7 +1032,7 @@ def send_floor(n: int, clients: int = 4) -> dict[str, float]:
     frame = b"x" * FLOOR_FRAME
     per_send = []
     try:
-        for _ in range(FLOOR_ROUNDS):
+        for _ in range(rounds):
             time.sleep(0.2)  # the readers are done with the previous round
             cpu = time.thread_time()
             for sock in socks:
@@ -1047,7 +1047,7 @@ def send_floor(n: int, clients: int = 4) -> dict[str, float]:
         listener.close()
         for proc in procs:
             proc.join(10)
-    return {"us_per_watcher": round(statistics.median(per_send), 1), "rounds": FLOOR_ROUNDS, "watchers": n}
+    return {"us_per_watcher": round(statistics.median(per_send), 1), "rounds": rounds, "watchers": n}
 
 
 def _floor_lines(result: dict[str, Any]) -> list[str]:
