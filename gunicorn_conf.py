@@ -71,7 +71,6 @@ if (os.environ.get("LOG_FORMAT") or "").strip().lower() == "json":
     }
 
 
-
 def post_worker_init(worker: Any) -> None:
     """The web process's full garbage collections wait for gaps between fan-outs
     (:mod:`webapp.gcpolicy`)."""

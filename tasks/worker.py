@@ -269,14 +269,17 @@ def _lower_priority(nice: int) -> None:
     share of a contended core: a worker in a session of its own (``make run``, systemd) lowers
     its session's nice too, or the web tier would still wait for a core half of the time
     (measured: run delay = CPU time during a fan-out)."""
+    nice = max(nice, os.getpriority(os.PRIO_PROCESS, 0))  # started lower still: stays so
     os.setpriority(os.PRIO_PROCESS, 0, nice)
     autogroup = ""
     if os.getsid(0) == os.getpid():  # never lower a session we share with others
         try:
-            with open("/proc/self/autogroup", "w") as f:
-                f.write(str(nice))
+            with open("/proc/self/autogroup", "r+") as f:  # "/autogroup-123 nice 0"
+                if int(f.read().split()[-1]) < nice:
+                    f.seek(0)
+                    f.write(str(nice))
             autogroup = " (and its session's autogroup)"
-        except OSError:
+        except (OSError, ValueError, IndexError):
             pass  # no autogroup scheduling here
     log.info("job worker runs at nice %d%s (FRAMEPACK_WORKER_NICE)", nice, autogroup)
 

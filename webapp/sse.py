@@ -83,6 +83,8 @@ def _pump(outbox: Outbox, sent_seq: int, chunked: bool) -> None:
         while (state := outbox.drain(timeout=KEEP_ALIVE)) not in ("final", "dead", "overflow"):
             if state == "idle":
                 outbox.write_external(keep_alive)
+        if state == "overflow":  # a client this far behind reconnects to a fresh snapshot
+            outbox.write_external(b"")  # first the rest of a chunk the hub began, if any
     except OSError:
         pass  # the client went away during a keep-alive
     finally:
