@@ -30,11 +30,14 @@ For each server and each N, on a fresh stack (Valkey + one web process, no worke
    (watcher, update) pair;
 4. while the job runs, a REST prober GETs ``/api/jobs/<id>`` every 100 ms, and the web
    process's RSS and the CPU of every party (web, clients, worker, Valkey) are sampled;
-   the web tier's ``framepack_web_fanout_seconds`` gives its own time per update (wall), and
-   ``framepack_web_fanout_cpu_seconds`` the CPU time of it.
+   the web tier's ``framepack_web_fanout_seconds`` gives its own time per fan-out (wall; one
+   update or several that arrived together), and ``framepack_web_fanout_cpu_seconds`` the CPU
+   time of it.
+5. once, after the runs: the floor (:func:`send_floor`), one bare ``send`` per watcher.
 
 Everything shares this machine's cores, the measuring clients included: read the cores
-column before reading the latencies.
+column before reading the latencies.  Each result also has every update's p50 / p99
+(``by_update``: where the tail is) and the slowest REST probes with their times.
 """
 
 from __future__ import annotations
@@ -920,7 +923,7 @@ def summarize(seen: dict[int, tuple[float, str]], reports: list[tuple]) -> dict[
         "latency_ms_by_transport": {k: percentiles(v) for k, v in latencies.items()},
         "min_latency_ms": min(first_ms.values(), default=None),
         # per update: published when (s after the first), its type, p50 / p99 over its watchers
-        "t0": seen[min(seen)][0], "by_update": [[seq, round(seen[seq][0] - seen[min(seen)][0], 3), seen[seq][1],
+        "by_update": [[seq, round(seen[seq][0] - seen[min(seen)][0], 3), seen[seq][1],
                        round(percentiles(by_seq[seq])["p50"], 1), round(percentiles(by_seq[seq])["p99"], 1)]
                       for seq in sorted(by_seq)],
         # updates some watcher had before the reference saw them: how far to trust the reference
