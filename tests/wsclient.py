@@ -94,7 +94,8 @@ class SseWatcher(Watcher):
                         self.messages.append(msg)
                         self.fields.append(fields)
                         self.received_at.append(time.time())
-                        self.got_section.set() if msg["type"] == "section" else None
+                        if msg["type"] == "section":
+                            self.got_section.set()
                     fields = {}
                 self.ended = True
         except BaseException as exc:  # noqa: BLE001

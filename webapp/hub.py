@@ -32,7 +32,7 @@ import redis
 from tasks.protocol import CELERY_META_PREFIX, TERMINAL, Keys, encode, message_type, parse_celery_payload
 
 from . import gcpolicy
-from .outbox import Batch, Item, Outbox
+from .outbox import Batch, Item, Outbox, greenlets_only
 
 log = logging.getLogger("framepack.hub")
 
@@ -54,8 +54,7 @@ def let_others_run() -> None:
     fan-out (measured: REST p99 = the fan-out's duration at 2,000 watchers).  ``gevent.idle``
     returns once the event loop has dealt with everything pending, I/O included.  Threads
     need only give up the GIL."""
-    monkey = sys.modules.get("gevent.monkey")  # imported by whoever patched (gunicorn's worker)
-    if monkey is not None and monkey.is_module_patched("socket"):
+    if greenlets_only():
         sys.modules["gevent"].idle()
     else:
         time.sleep(0)

@@ -74,9 +74,12 @@ def connection(request: Request) -> tuple[Any, bool] | None:
     return sock, env["SERVER_PROTOCOL"] == "HTTP/1.1"
 
 
-def _pump(outbox: Outbox, sent_seq: int, chunked: bool) -> None:
-    """Write what the hub could not write directly, keep an idle stream alive, and end after
-    the final (or when the client is gone or too far behind)."""
+def _pump(outbox: Outbox, conn: tuple[Any, bool], sent_seq: int) -> None:
+    """Own the connection (see :func:`connection`) from the snapshot on: the hub writes to it
+    directly; here what it could not, keep-alives on an idle stream, and the end after the
+    final (or when the client is gone or too far behind)."""
+    sock, chunked = conn
+    outbox.own_stream(sock, chunked)
     keep_alive = http_chunk(KEEP_ALIVE_EVENT.encode()) if chunked else KEEP_ALIVE_EVENT.encode()
     outbox.attach(sent_seq)
     try:
@@ -106,8 +109,7 @@ def job_events(svc: Any, job_id: str, conn: tuple[Any, bool] | None = None) -> I
             return
         last = view["seq"]
         if conn is not None:  # the server has written the snapshot: ours from here on
-            outbox.own_stream(*conn)
-            _pump(outbox, last, conn[1])
+            _pump(outbox, conn, last)
             return
         while not outbox.overflowed:  # a client this far behind reconnects and gets a fresh snapshot
             item = outbox.get(timeout=KEEP_ALIVE)
