@@ -717,6 +717,7 @@ class Clients:
 
 
 #: Lines of the web tier's log that say something went wrong (a restarted worker drops every watcher).
+GC_LINE = re.compile(r"full garbage collection between fan-outs: (\d+) ms")
 PROBLEM = re.compile(r"Traceback|ERROR|CRITICAL|WORKER TIMEOUT|Booting worker|Worker exiting|Error:")
 
 
@@ -725,10 +726,13 @@ def log_problems(path: Path) -> dict[str, Any]:
     gone once the point is measured): counts, the first lines, and the first traceback in full.
     One "Booting worker" is the normal start."""
     counts: dict[str, int] = {}
+    gc_ms: list[int] = []  # the web process's full garbage collections (webapp.gcpolicy)
     lines: list[str] = []
     first_traceback: list[str] = []
     state = "before"  # the first traceback: before, in, after
     for line in (path.read_text(errors="replace") if path.exists() else "").splitlines():
+        if m := GC_LINE.search(line):
+            gc_ms.append(int(m.group(1)))
         if m := PROBLEM.search(line):
             counts[m.group(0)] = counts.get(m.group(0), 0) + 1
             if m.group(0) != "Booting worker" and len(lines) < 12 and line[:300] not in lines:
@@ -739,7 +743,7 @@ def log_problems(path: Path) -> dict[str, Any]:
             state = "after"
         if state == "in" and len(first_traceback) < 60:
             first_traceback.append(line[:300])
-    return {"counts": counts, "first": lines, "first_traceback": first_traceback}
+    return {"counts": counts, "first": lines, "first_traceback": first_traceback, "gc_ms": gc_ms}
 
 
 def submit(stack: BenchStack, form: dict[str, str]) -> str:

@@ -41,10 +41,12 @@ def test_a_slow_fan_out_never_lets_the_poll_overtake_queued_updates(valkey_url: 
 
 
 def test_updates_arriving_during_a_fan_out_join_it_and_reach_every_watcher_once_in_order(valkey_url, monkeypatch):
-    """A burst: while the first update goes out (slices of one watcher here), three more
-    arrive.  The watchers still to come take them with the first, those already served right
-    after; each watcher's socket carries 1..4 once, in order, and fewer fan-outs than updates ran."""
+    """Bursts: while the first update goes out (slices of one watcher here), 2 and 3 arrive
+    after the first watcher was served, 4 and 5 after the second.  The watchers still to come
+    take them with the first; a watcher already served gets everything it lacks in one more
+    write, not one per burst.  Each socket carries 1..5 once, in order, in one fan-out."""
     import webapp.hub as hub_module
+    from webapp.outbox import Outbox
 
     from .test_outbox import attached_outbox, read_frames
 
@@ -59,24 +61,29 @@ def test_updates_arriving_during_a_fan_out_join_it_and_reach_every_watcher_once_
         r.set(key, doc)
         r.publish(key, doc)
 
-    bursts = []
+    bursts = [(2, 3), (4, 5)]
 
-    def pause() -> None:  # between slices of the first fan-out: the burst arrives
-        if not bursts:
-            bursts.append(True)
-            for seq in (2, 3, 4):
+    def pause() -> None:  # between slices of the fan-out: a burst arrives (the first two pauses)
+        if bursts:
+            burst = bursts.pop(0)
+            for seq in burst:
                 update(seq)
             got = 0
-            while got < 3:
+            while got < len(burst):
                 msg = probe.get_message(timeout=5)
                 assert msg is not None, "the burst never arrived"
                 got += msg["type"] == "message"
 
     monkeypatch.setattr(hub_module, "let_others_run", pause)
+    writes: dict[Outbox, list[list[int]]] = {}
+    put = Outbox.put
+    monkeypatch.setattr(Outbox, "put", lambda box, msg: writes.setdefault(box, []).append([i.seq for i in msg.items])
+                        or put(box, msg))  # fmt: skip
     hub = JobHub(valkey_url, lambda _job, meta: meta, poll_interval=60)
-    fan_outs = []
+    fan_outs: list[str] = []
+    ended = threading.Event()  # the sockets have every byte a moment before the fan-out returns
     dispatch = hub._dispatch
-    monkeypatch.setattr(hub, "_dispatch", lambda *a, **kw: fan_outs.append(a[0]) or dispatch(*a, **kw))
+    monkeypatch.setattr(hub, "_dispatch", lambda *a, **kw: fan_outs.append(a[0]) or dispatch(*a, **kw) or ended.set())
     watchers = [attached_outbox() for _ in range(3)]
     for box, _server, _client in watchers:
         hub.watch_job("burst", box)
@@ -86,8 +93,11 @@ def test_updates_arriving_during_a_fan_out_join_it_and_reach_every_watcher_once_
         seqs: list[int] = []
         data = b""
         deadline = time.monotonic() + 10
-        while len(seqs) < 4 and time.monotonic() < deadline:
+        while len(seqs) < 5 and time.monotonic() < deadline:
             frames, data = read_frames(client, data)
             seqs += [json.loads(payload)["seq"] for _op, payload in frames]
-        assert seqs == [1, 2, 3, 4]
-    assert hub.stats["messages"] == 4 and bursts and len(fan_outs) == 1
+        assert seqs == [1, 2, 3, 4, 5]
+    order = sorted(writes[box] for box, _server, _client in watchers)  # the hub serves them in its own order
+    assert order[0] == [[1], [2, 3, 4, 5]]  # served first: one write for both bursts
+    assert all(sum(w, []) == [1, 2, 3, 4, 5] and len(w) <= 2 for w in order)
+    assert ended.wait(5) and hub.stats["messages"] == 5 and not bursts and len(fan_outs) == 1

@@ -266,33 +266,36 @@ class JobHub:
                   absorb: Callable[[], list[bytes]] | None = None) -> None:  # fmt: skip
         """Fan out the updates ``raws`` of one channel, in order, together.  ``live``: just
         published (a poll's re-read of an older update is not latency).  ``absorb``: the
-        channel's updates received since; looked at between slices, they join this fan-out
-        for the watchers still to come, and the watchers already served get them right after
-        (in a burst, an update then waits for one fan-out, not for two)."""
-        items = self._items(channel, raws)
+        channel's updates received since; looked at between slices, they join this fan-out:
+        the watchers still to come take them with the rest, and the watchers already served
+        get everything they lack in one more write, in a pass that absorbs too.  In a burst
+        (a job's start: six updates within 60 ms) an update then waits for part of a pass,
+        not for the passes of every update before it."""
+        items = list(self._items(channel, raws))
         if not items:
             return
-        msg: Item | Batch = items[0] if len(items) == 1 else Batch(items)
         started, clock = time.perf_counter(), _CpuClock()
         with self._lock:
             outboxes = list(self._watchers.get(channel, ()))
-        to_wake = []
-        late: list[tuple[int, Batch]] = []  # (watchers served before, the updates they lack)
-        for i, box in enumerate(outboxes, 1):
-            if box.put(msg):
-                to_wake.append(box)
-            if i % FANOUT_SLICE == 0 and i < len(outboxes):
-                clock.pause()
-                if absorb is not None and (new := self._items(channel, absorb())):
-                    late.append((i, Batch(new)))
-                    items += new
-                    msg = Batch(items)
-        for served, batch in late:
-            for i, box in enumerate(outboxes[:served], 1):
-                if box.put(batch):
-                    to_wake.append(box)
-                if i % FANOUT_SLICE == 0:
+        offered = [0] * len(outboxes)  # how many of ``items`` each watcher has been offered
+        wire: dict[int, Item | Batch] = {}  # items[k:] as one message, built once per k
+        to_wake: dict[Outbox, None] = {}
+        served = 0
+        while lagging := [i for i, k in enumerate(offered) if k < len(items)]:
+            for i in lagging:
+                k = offered[i]
+                if (msg := wire.get(k)) is None:
+                    msg = wire[k] = items[k] if k == len(items) - 1 else Batch(tuple(items[k:]))
+                if outboxes[i].put(msg):
+                    to_wake[outboxes[i]] = None
+                offered[i] = len(items)
+                served += 1
+                if served % FANOUT_SLICE == 0:
                     clock.pause()
+                    # bounded: a channel that never pauses cannot keep this fan-out going for good
+                    if absorb is not None and len(items) < BATCH_LIMIT and (new := self._items(channel, absorb())):
+                        items += new
+                        wire.clear()
         for box in to_wake:
             box.wake()
         self.stats["messages"] += len(items)
