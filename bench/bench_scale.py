@@ -717,7 +717,6 @@ class Clients:
 
 
 #: Lines of the web tier's log that say something went wrong (a restarted worker drops every watcher).
-GC_LINE = re.compile(r"full garbage collection between fan-outs: (\d+) ms")
 PROBLEM = re.compile(r"Traceback|ERROR|CRITICAL|WORKER TIMEOUT|Booting worker|Worker exiting|Error:")
 
 
@@ -726,13 +725,10 @@ def log_problems(path: Path) -> dict[str, Any]:
     gone once the point is measured): counts, the first lines, and the first traceback in full.
     One "Booting worker" is the normal start."""
     counts: dict[str, int] = {}
-    gc_ms: list[int] = []  # the web process's full garbage collections (webapp.gcpolicy)
     lines: list[str] = []
     first_traceback: list[str] = []
     state = "before"  # the first traceback: before, in, after
     for line in (path.read_text(errors="replace") if path.exists() else "").splitlines():
-        if m := GC_LINE.search(line):
-            gc_ms.append(int(m.group(1)))
         if m := PROBLEM.search(line):
             counts[m.group(0)] = counts.get(m.group(0), 0) + 1
             if m.group(0) != "Booting worker" and len(lines) < 12 and line[:300] not in lines:
@@ -743,7 +739,7 @@ def log_problems(path: Path) -> dict[str, Any]:
             state = "after"
         if state == "in" and len(first_traceback) < 60:
             first_traceback.append(line[:300])
-    return {"counts": counts, "first": lines, "first_traceback": first_traceback, "gc_ms": gc_ms}
+    return {"counts": counts, "first": lines, "first_traceback": first_traceback}
 
 
 def submit(stack: BenchStack, form: dict[str, str]) -> str:
@@ -782,6 +778,13 @@ def fanout_cpu_ms(before: dict[str, float], after: dict[str, float]) -> float | 
     if name not in after or not after.get(count, 0.0) - before.get(count, 0.0):
         return None
     return (after[name] - before.get(name, 0.0)) / (after[count] - before.get(count, 0.0)) * 1000
+
+
+def gc_seen(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The web tier's full garbage collections between two scrapes: how many, and their ms."""
+    name = "framepack_web_gc_seconds"
+    n = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+    return {"n": int(n), "ms": round((after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) * 1000, 1)}
 
 
 class CpuWindow:
@@ -854,7 +857,7 @@ def measure(server: str, watchers: int, form: dict[str, str], setup: Setup) -> d
                                     for at, ms in zip(observed["prober"].at, observed["prober"].ms, strict=True)),
                                    key=lambda p: -p[1])[:5],
             "fanout_ms_per_update": observed["fanout"],
-            "fanout_cpu_ms_per_update": observed["fanout_cpu"], "fanouts": observed["fanouts"],
+            "fanout_cpu_ms_per_update": observed["fanout_cpu"], "fanouts": observed["fanouts"], "gc": observed["gc"],
             "run_s": observed["run_s"], "cores": cores,
             "reference_lag_ms": observed["reference_lag_ms"], "web_log": web_log,
             "clients_cpu_s_self": round(clients.self_cpu_s, 2)}  # fmt: skip
@@ -886,6 +889,7 @@ def _run_job(stack: BenchStack, job_id: str, clients: Clients, web: int, rss: di
             "fanout_cpu": fanout_cpu_ms(before, after),
             "fanouts": int(after.get("framepack_web_fanout_seconds_count", 0)
                            - before.get("framepack_web_fanout_seconds_count", 0)),
+            "gc": {"attach": gc_seen({}, before), "run": gc_seen(before, after)},
             "run_s": round(run_s, 2), "reference_lag_ms": percentiles(channel.lag_ms)}  # fmt: skip
 
 

@@ -39,18 +39,34 @@ def test_python_no_longer_collects_everything_on_its_own(clock):
 
 def test_a_due_collection_waits_for_a_gap_but_not_forever(clock):
     kept = survivors()
-    assert not gcpolicy.collect_if_due(gap=True)  # not looked at yet: 10 s apart
+    assert gcpolicy.collect_if_due(gap=True) is None  # not looked at yet: 10 s apart
     clock[0] += 11
     before = full_collections()
-    assert not gcpolicy.collect_if_due(gap=False)  # updates are flowing: wait for a gap
-    assert gcpolicy.collect_if_due(gap=True) and full_collections() == before + 1
+    assert gcpolicy.collect_if_due(gap=False) is None  # updates are flowing: wait for a gap
+    assert gcpolicy.collect_if_due(gap=True) is not None and full_collections() == before + 1
     clock[0] += 11
-    assert not gcpolicy.collect_if_due(gap=True)  # nothing grew since
+    assert gcpolicy.collect_if_due(gap=True) is None  # nothing grew since
     more = survivors()
     clock[0] += 21
-    assert gcpolicy.collect_if_due(gap=False)  # twice late: even without a gap
+    assert gcpolicy.collect_if_due(gap=False) is not None  # twice late: even without a gap
     assert kept and more
 
 
 def test_without_take_over_nothing_changes():
-    assert gc.get_threshold()[2] < 1000 and not gcpolicy.collect_if_due()
+    assert gc.get_threshold()[2] < 1000 and gcpolicy.collect_if_due() is None
+
+
+def test_an_idle_hub_collects_within_a_second_of_the_growth(clock):
+    """Watchers attached to a queued job: their collection runs before its updates start,
+    not 10 s later in the middle of them."""
+    kept = survivors()
+    clock[0] += 1.5
+    before = full_collections()
+    assert gcpolicy.collect_if_due(gap=True, quiet=0.2) is None  # updates are arriving: the 10 s rule
+    assert gcpolicy.collect_if_due(gap=True, quiet=1.5) is not None and full_collections() == before + 1
+    more = survivors()
+    clock[0] += 0.5
+    assert gcpolicy.collect_if_due(gap=True, quiet=2.0) is None  # looked at a moment ago
+    clock[0] += 0.6
+    assert gcpolicy.collect_if_due(gap=True, quiet=2.6) is not None
+    assert kept and more

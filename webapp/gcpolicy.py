@@ -11,10 +11,12 @@ keep doing: in the middle of a fan-out as likely as anywhere.
 ``create_app`` has frozen what start-up allocated) keeps the cheap young collections
 automatic and leaves the full ones to :func:`collect_if_due`, which the hub calls between
 fan-outs.  It applies Python's own rule (a quarter more objects in the oldest
-generation than after the last full collection), looked at every ``CHECK_SECONDS`` at most,
-when no update has arrived for a moment (a real model's steps are seconds apart), or
-regardless once the check is ``CHECK_SECONDS`` late, so that updates that never pause cannot
-put collection off for good.
+generation than after the last full collection), looked at every ``QUIET_CHECK_SECONDS``
+while no update has arrived for ``QUIET_SECONDS`` (watchers attached to a queued job: the
+collection their objects call for runs before its updates start), every ``CHECK_SECONDS``
+between fan-outs otherwise (a real model's steps are seconds apart), or regardless once
+that check is ``CHECK_SECONDS`` late, so that updates that never pause cannot put
+collection off for good.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ log = logging.getLogger("framepack.gc")
 
 #: Seconds between looks at the oldest generation (counting it takes ~5 ms at 290,000 objects).
 CHECK_SECONDS = 10.0
+#: No update for this long: the hub is idle, look every QUIET_CHECK_SECONDS instead.
+QUIET_SECONDS = 1.0
+QUIET_CHECK_SECONDS = 1.0
 #: Python's own rule for a full collection: this much growth of the oldest generation.
 GROWTH = 1.25
 
@@ -39,21 +44,25 @@ def take_over() -> None:
     _state.update(on=True, checked=time.monotonic(), baseline=len(gc.get_objects(2)))
 
 
-def collect_if_due(gap: bool = True) -> bool:
+def collect_if_due(gap: bool = True, quiet: float = 0.0) -> float | None:
     """A full collection if Python's rule asks for one (and :func:`take_over` ran); ``gap``:
-    no update is being fanned out or waiting.  True if it ran."""
+    no update is being fanned out or waiting; ``quiet``: seconds since the last update
+    arrived.  The seconds it took, or None if none ran."""
     waited = time.monotonic() - _state["checked"]
-    if not _state["on"] or waited < CHECK_SECONDS or (not gap and waited < 2 * CHECK_SECONDS):
-        return False
+    if not _state["on"]:
+        return None
+    idle = gap and quiet >= QUIET_SECONDS and waited >= QUIET_CHECK_SECONDS
+    if not idle and (waited < CHECK_SECONDS or (not gap and waited < 2 * CHECK_SECONDS)):
+        return None
     _state["checked"] = time.monotonic()
     if len(gc.get_objects(2)) <= GROWTH * _state["baseline"]:
-        return False
+        return None
     started = time.perf_counter()
     gc.collect()
+    took = time.perf_counter() - started
     _state["baseline"] = len(gc.get_objects(2))
-    log.info("full garbage collection between fan-outs: %.0f ms, %d objects kept",
-             (time.perf_counter() - started) * 1000, _state["baseline"])  # fmt: skip
-    return True
+    log.info("full garbage collection between fan-outs: %.0f ms, %d objects kept", took * 1000, _state["baseline"])
+    return took
 
 
 def release() -> None:

@@ -195,6 +195,7 @@ class JobHub:
         self._poll(channels)  # whatever was published while we were not listening
         next_poll = time.monotonic() + self.poll_interval
         live: set[str] = set()  # channels with a published update since the last poll
+        last_update = time.monotonic()
         while True:
             while self._changes:
                 op, channel = self._changes.popleft()
@@ -207,6 +208,8 @@ class JobHub:
             # also takes in its channel's updates that arrive while it runs (``absorb``).
             arrived: dict[str, list[bytes]] = {}
             busy = self._read(ps, arrived, timeout=0.05)
+            if busy:
+                last_update = time.monotonic()
             while arrived:
                 channel = next(iter(arrived))
                 raws = arrived.pop(channel)
@@ -214,7 +217,10 @@ class JobHub:
                 self._dispatch(channel, raws, live=True, absorb=lambda c=channel: self._absorb(ps, arrived, c))
             if ps.connection.can_read(timeout=0):
                 continue  # polls and collections wait until nothing received is left unread
-            gcpolicy.collect_if_due(gap=not busy)  # a full garbage collection: here, not in a fan-out
+            # a full garbage collection: here, not in a fan-out
+            took = gcpolicy.collect_if_due(gap=not busy, quiet=time.monotonic() - last_update)
+            if took is not None and self.metrics is not None:
+                self.metrics.gc.observe(took)
             if time.monotonic() >= next_poll:
                 # Only channels that were quiet, and only once everything received is read:
                 # a poll's newer update would otherwise overtake ones still queued here,

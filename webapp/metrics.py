@@ -24,6 +24,8 @@ bp = Blueprint("metrics", __name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
 #: Seconds the hub spends on one update for all watchers (direct writes and wake-ups).
 FANOUT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+#: Seconds of one full garbage collection (~120 objects per watcher to walk).
+GC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 def multiprocess() -> bool:
@@ -51,6 +53,9 @@ class WebMetrics:
         self.fanout_cpu = Counter("framepack_web_fanout_cpu_seconds", "CPU time of the hub's fan-outs (its thread's; "
                                   "against framepack_web_fanout_seconds: the rest is waiting for a core)",
                                   registry=r)  # fmt: skip
+        self.gc = Histogram("framepack_web_gc_seconds", "Full garbage collections of this process, run between "
+                            "fan-outs (webapp.gcpolicy): none of its watchers is served during one",
+                            buckets=GC_BUCKETS, registry=r)  # fmt: skip
         self.redis_errors = Counter("framepack_redis_errors", "Redis calls that failed (outage, timeout)", ["where"],
                                     registry=r)  # fmt: skip
         for where in ("request", "hub", "sweep"):
