@@ -82,8 +82,12 @@ def decode_record(raw: dict[Any, Any]) -> dict[str, Any] | None:
 
 
 def new_job_id() -> str:
-    """Unguessable (128 random bits), URL-safe; also the Celery task id."""
-    return secrets.token_urlsafe(16)
+    """Unguessable (128 random bits), URL-safe; also the Celery task id.  Never begins with
+    ``-``: operators pass it to command lines (``celery control revoke <id>``,
+    ``framepack-client watch <id>``), which would read it as an option."""
+    while (job_id := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return job_id
 
 
 def worker_name() -> str:

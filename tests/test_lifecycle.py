@@ -56,6 +56,15 @@ def _meta(r, job_id) -> dict:
     return json.loads(r.get(Keys.celery_meta(job_id)))
 
 
+def test_job_ids_never_look_like_a_command_line_option():
+    """One id in 64 began with "-" and ``celery control terminate SIGTERM <id>`` read it as an
+    option (seen in CI); operators paste ids into command lines."""
+    import re
+
+    ids = {new_job_id() for _ in range(5000)}  # ~78 would begin with "-" if nothing prevented it
+    assert len(ids) == 5000 and all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{21}", i) for i in ids)
+
+
 def test_submit_queues_with_a_position_and_a_feed_row(lc, r):
     feed = Feed(r)
     first, second = _submit(lc), _submit(lc)
