@@ -44,51 +44,31 @@ def test_updates_arriving_during_a_fan_out_join_it_and_reach_every_watcher_once_
     """Bursts: while the first update goes out (slices of one watcher here), 2 and 3 arrive
     after the first watcher was served, 4 and 5 after the second.  The watchers still to come
     take them with the first; a watcher already served gets everything it lacks in one more
-    write, not one per burst.  Each socket carries 1..5 once, in order, in one fan-out."""
+    write, not one per burst.  Each socket carries 1..5 once, in order, in one fan-out.
+    (What arrives when is scripted here; the next test takes its updates from Valkey.)"""
     import webapp.hub as hub_module
     from webapp.outbox import Outbox
 
     from .test_outbox import attached_outbox, read_frames
 
     monkeypatch.setattr(hub_module, "FANOUT_SLICE", 1)
-    r = redis.Redis.from_url(valkey_url)
-    key = Keys.celery_meta("burst")
-    probe = r.pubsub()
-    probe.subscribe(key)  # after the hub's subscription: when the probe has them, so (nearly) has the hub
+    monkeypatch.setattr(hub_module, "let_others_run", lambda: None)
 
-    def update(seq: int) -> None:
-        doc = json.dumps({"status": "PROGRESS", "result": {"seq": seq, "state": "running", "event": "progress"}})
-        r.set(key, doc)
-        r.publish(key, doc)
+    def doc(seq: int) -> bytes:
+        return json.dumps({"status": "PROGRESS",
+                           "result": {"seq": seq, "state": "running", "event": "progress"}}).encode()  # fmt: skip
 
-    bursts = [(2, 3), (4, 5)]
-
-    def pause() -> None:  # between slices of the fan-out: a burst arrives (the first two pauses)
-        if bursts:
-            burst = bursts.pop(0)
-            for seq in burst:
-                update(seq)
-            got = 0
-            while got < len(burst):
-                msg = probe.get_message(timeout=5)
-                assert msg is not None, "the burst never arrived"
-                got += msg["type"] == "message"
-
-    monkeypatch.setattr(hub_module, "let_others_run", pause)
+    bursts = [[doc(2), doc(3)], [doc(4), doc(5)]]
+    absorb = lambda: bursts.pop(0) if bursts else []  # noqa: E731  (what the pubsub connection received since)
     writes: dict[Outbox, list[list[int]]] = {}
     put = Outbox.put
     monkeypatch.setattr(Outbox, "put", lambda box, msg: writes.setdefault(box, []).append([i.seq for i in msg.items])
                         or put(box, msg))  # fmt: skip
     hub = JobHub(valkey_url, lambda _job, meta: meta, poll_interval=60)
-    fan_outs: list[str] = []
-    ended = threading.Event()  # the sockets have every byte a moment before the fan-out returns
-    dispatch = hub._dispatch
-    monkeypatch.setattr(hub, "_dispatch", lambda *a, **kw: fan_outs.append(a[0]) or dispatch(*a, **kw) or ended.set())
     watchers = [attached_outbox() for _ in range(3)]
     for box, _server, _client in watchers:
         hub.watch_job("burst", box)
-    probe.get_message(timeout=5)  # its subscribe confirmation
-    update(1)
+    hub._dispatch(Keys.celery_meta("burst"), [doc(1)], live=True, absorb=absorb)
     for _box, _server, client in watchers:
         seqs: list[int] = []
         data = b""
@@ -98,6 +78,66 @@ def test_updates_arriving_during_a_fan_out_join_it_and_reach_every_watcher_once_
             seqs += [json.loads(payload)["seq"] for _op, payload in frames]
         assert seqs == [1, 2, 3, 4, 5]
     order = sorted(writes[box] for box, _server, _client in watchers)  # the hub serves them in its own order
-    assert order[0] == [[1], [2, 3, 4, 5]]  # served first: one write for both bursts
-    assert all(sum(w, []) == [1, 2, 3, 4, 5] and len(w) <= 2 for w in order)
-    assert ended.wait(5) and hub.stats["messages"] == 5 and not bursts and len(fan_outs) == 1
+    assert order == [[[1], [2, 3, 4, 5]], [[1, 2, 3], [4, 5]], [[1, 2, 3, 4, 5]]]
+    assert hub.stats["messages"] == 5 and not bursts
+
+
+def test_a_channel_that_never_pauses_cannot_keep_one_fan_out_going(valkey_url, monkeypatch):
+    """Updates that keep arriving join a fan-out only up to BATCH_LIMIT: then it ends and the
+    next one takes the rest (other channels, polls and collections get their turn between)."""
+    import webapp.hub as hub_module
+
+    from .test_outbox import attached_outbox, read_frames
+
+    monkeypatch.setattr(hub_module, "FANOUT_SLICE", 1)
+    monkeypatch.setattr(hub_module, "BATCH_LIMIT", 5)
+    r = redis.Redis.from_url(valkey_url)
+    key = Keys.celery_meta("endless")
+    published = [0]
+
+    def update() -> None:
+        published[0] += 1
+        doc = json.dumps({"status": "PROGRESS",
+                          "result": {"seq": published[0], "state": "running", "event": "progress"}})  # fmt: skip
+        r.set(key, doc)
+        r.publish(key, doc)
+
+    probe = r.pubsub()
+
+    def delivered_update() -> None:
+        update()
+        while (msg := probe.get_message(timeout=5)) is not None and msg["type"] != "message":
+            pass  # when the probe has it, so (nearly) has the hub
+
+    def pause() -> None:  # one more update between every two slices, 20 in all
+        if published[0] < 20:
+            delivered_update()
+
+    monkeypatch.setattr(hub_module, "let_others_run", pause)
+    hub = JobHub(valkey_url, lambda _job, meta: meta, poll_interval=60)
+    carried: list[int] = []
+    all_carried = threading.Event()  # the sockets have every byte a moment before the fan-out returns
+    dispatch = hub._dispatch
+
+    def counted(*a, **kw):
+        before = hub.stats["messages"]
+        dispatch(*a, **kw)
+        carried.append(hub.stats["messages"] - before)
+        if sum(carried) >= 20:
+            all_carried.set()
+
+    monkeypatch.setattr(hub, "_dispatch", counted)
+    watchers = [attached_outbox() for _ in range(2)]
+    for box, _server, _client in watchers:
+        assert hub.watch(key, box)  # subscribed
+    probe.subscribe(key)
+    delivered_update()
+    for _box, _server, client in watchers:
+        seqs: list[int] = []
+        data = b""
+        deadline = time.monotonic() + 10
+        while len(seqs) < 20 and time.monotonic() < deadline:
+            frames, data = read_frames(client, data)
+            seqs += [json.loads(payload)["seq"] for _op, payload in frames]
+        assert seqs == list(range(1, 21))
+    assert all_carried.wait(5) and sum(carried) == 20 and len(carried) >= 2 and max(carried) < 2 * 5, carried
