@@ -13,6 +13,24 @@ from webapp.hub import JobHub
 from webapp.outbox import Item
 
 
+def progress(seq: int) -> str:
+    """Update ``seq`` as Celery's backend stores and publishes it (``update_state``)."""
+    return json.dumps({"status": "PROGRESS", "result": {"seq": seq, "state": "running", "event": "progress"}})
+
+
+def seqs_read(client, n: int) -> list[int]:
+    """The seqs of the first ``n`` messages on a watcher's socket (fewer if they stop coming)."""
+    from .test_outbox import read_frames
+
+    seqs: list[int] = []
+    data = b""
+    deadline = time.monotonic() + 10
+    while len(seqs) < n and time.monotonic() < deadline:
+        frames, data = read_frames(client, data)
+        seqs += [json.loads(payload)["seq"] for _op, payload in frames]
+    return seqs
+
+
 def test_a_slow_fan_out_never_lets_the_poll_overtake_queued_updates(valkey_url: str):
     """While the hub hands one update to thousands of watchers, more are published and wait
     in its subscription.  Its polling fallback (the latest meta) must not jump ahead of
@@ -33,7 +51,7 @@ def test_a_slow_fan_out_never_lets_the_poll_overtake_queued_updates(valkey_url: 
     r = redis.Redis.from_url(valkey_url)
     key = Keys.celery_meta("job1")
     for seq in range(1, 31):  # what Celery's backend does per update_state: SET, then PUBLISH
-        doc = json.dumps({"status": "PROGRESS", "result": {"seq": seq, "state": "running", "event": "progress"}})
+        doc = progress(seq)
         r.set(key, doc)
         r.publish(key, doc)
     assert done.wait(30), f"the last update never came: {seen}"
@@ -49,14 +67,13 @@ def test_updates_arriving_during_a_fan_out_join_it_and_reach_every_watcher_once_
     import webapp.hub as hub_module
     from webapp.outbox import Outbox
 
-    from .test_outbox import attached_outbox, read_frames
+    from .test_outbox import attached_outbox
 
     monkeypatch.setattr(hub_module, "FANOUT_SLICE", 1)
     monkeypatch.setattr(hub_module, "let_others_run", lambda: None)
 
     def doc(seq: int) -> bytes:
-        return json.dumps({"status": "PROGRESS",
-                           "result": {"seq": seq, "state": "running", "event": "progress"}}).encode()  # fmt: skip
+        return progress(seq).encode()
 
     bursts = [[doc(2), doc(3)], [doc(4), doc(5)]]
     absorb = lambda: bursts.pop(0) if bursts else []  # noqa: E731  (what the pubsub connection received since)
@@ -70,13 +87,7 @@ def test_updates_arriving_during_a_fan_out_join_it_and_reach_every_watcher_once_
         hub.watch_job("burst", box)
     hub._dispatch(Keys.celery_meta("burst"), [doc(1)], live=True, absorb=absorb)
     for _box, _server, client in watchers:
-        seqs: list[int] = []
-        data = b""
-        deadline = time.monotonic() + 10
-        while len(seqs) < 5 and time.monotonic() < deadline:
-            frames, data = read_frames(client, data)
-            seqs += [json.loads(payload)["seq"] for _op, payload in frames]
-        assert seqs == [1, 2, 3, 4, 5]
+        assert seqs_read(client, 5) == [1, 2, 3, 4, 5]
     order = sorted(writes[box] for box, _server, _client in watchers)  # the hub serves them in its own order
     assert order == [[[1], [2, 3, 4, 5]], [[1, 2, 3], [4, 5]], [[1, 2, 3, 4, 5]]]
     assert hub.stats["messages"] == 5 and not bursts
@@ -87,7 +98,7 @@ def test_a_channel_that_never_pauses_cannot_keep_one_fan_out_going(valkey_url, m
     next one takes the rest (other channels, polls and collections get their turn between)."""
     import webapp.hub as hub_module
 
-    from .test_outbox import attached_outbox, read_frames
+    from .test_outbox import attached_outbox
 
     monkeypatch.setattr(hub_module, "FANOUT_SLICE", 1)
     monkeypatch.setattr(hub_module, "BATCH_LIMIT", 5)
@@ -97,8 +108,7 @@ def test_a_channel_that_never_pauses_cannot_keep_one_fan_out_going(valkey_url, m
 
     def update() -> None:
         published[0] += 1
-        doc = json.dumps({"status": "PROGRESS",
-                          "result": {"seq": published[0], "state": "running", "event": "progress"}})  # fmt: skip
+        doc = progress(published[0])
         r.set(key, doc)
         r.publish(key, doc)
 
@@ -133,11 +143,5 @@ def test_a_channel_that_never_pauses_cannot_keep_one_fan_out_going(valkey_url, m
     probe.subscribe(key)
     delivered_update()
     for _box, _server, client in watchers:
-        seqs: list[int] = []
-        data = b""
-        deadline = time.monotonic() + 10
-        while len(seqs) < 20 and time.monotonic() < deadline:
-            frames, data = read_frames(client, data)
-            seqs += [json.loads(payload)["seq"] for _op, payload in frames]
-        assert seqs == list(range(1, 21))
+        assert seqs_read(client, 20) == list(range(1, 21))
     assert all_carried.wait(5) and sum(carried) == 20 and len(carried) >= 2 and max(carried) < 2 * 5, carried
