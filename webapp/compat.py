@@ -364,7 +364,7 @@ def video_stream() -> Response:
             while not outbox.overflowed:
                 item = outbox.get(timeout=sse.KEEP_ALIVE)
                 if item is None:
-                    yield ": keep-alive\n\n"
+                    yield sse.KEEP_ALIVE_EVENT
                 elif (item.data.get("event") == "finished" and item.data.get("state") == JobState.SUCCEEDED.value
                       and who.may_see(item.data.get("owner"))):  # fmt: skip
                     yield sse.event(None, f"{item.data['job_id']}.mp4")
@@ -405,7 +405,7 @@ def stream(job_id: str) -> Response:
                         return  # a client this far behind reconnects and starts from a fresh status
                     item = outbox.get(timeout=sse.KEEP_ALIVE)
                     if item is None:
-                        yield ": keep-alive\n\n"
+                        yield sse.KEEP_ALIVE_EVENT
                 last_seq = item.seq
                 view = {**view, **item.data, "id": job_id}
                 if JobState(view["state"]) in TERMINAL:

@@ -208,13 +208,13 @@ class JobHub:
             # also takes in its channel's updates that arrive while it runs (``absorb``).
             arrived: dict[str, list[bytes]] = {}
             busy = self._read(ps, arrived, timeout=0.05)
-            if busy:
-                last_update = time.monotonic()
             while arrived:
                 channel = next(iter(arrived))
                 raws = arrived.pop(channel)
                 live.add(channel)
                 self._dispatch(channel, raws, live=True, absorb=lambda c=channel: self._absorb(ps, arrived, c))
+            if busy:  # after its fan-out, which took in whatever arrived meanwhile
+                last_update = time.monotonic()
             if ps.connection.can_read(timeout=0):
                 continue  # polls and collections wait until nothing received is left unread
             # a full garbage collection: here, not in a fan-out

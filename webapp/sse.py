@@ -32,7 +32,7 @@ RETRY_AFTER = 5
 #: Seconds between keep-alive comments on an idle stream (under common proxy and client
 #: read timeouts of 10 s and more).
 KEEP_ALIVE = 8.0
-KEEP_ALIVE_EVENT = ": keep-alive\n\n"
+KEEP_ALIVE_EVENT = ": keep-alive\n\n"  # a comment line: clients ignore it
 
 
 def event(kind: str | None, data: Any, seq: int | None = None) -> str:
