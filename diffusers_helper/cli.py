@@ -5,6 +5,12 @@
         [--end-image IMG] [--previews DIR] -o OUT.mp4
 
 writes OUT.mp4, OUT.json (the sidecar) and, with ``--previews``, every preview JPEG.
+
+    framepack calibrate IMAGE --prompt TEXT [--model ...] [--profile ...] [--steps 25] -o RATIOS.json
+
+runs one job without skipping and writes MagCache's magnitude ratios for these weights
+(merged into RATIOS.json per model variant); a worker uses them with
+``FRAMEPACK_MAG_RATIOS=RATIOS.json``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-teacache", action="store_true")
     g.add_argument("--previews", type=Path, default=None, help="directory for preview JPEGs")
     g.add_argument("-o", "--output", type=Path, required=True)
+    c = sub.add_parser("calibrate", help="measure MagCache ratios for these weights (one job, nothing skipped)")
+    c.add_argument("image", type=Path)
+    c.add_argument("--prompt", default="The girl dances gracefully, with clear movements, full of charm.")
+    c.add_argument("--model", choices=[v.value for v in Variant], default=Variant.FRAMEPACK.value)
+    c.add_argument("--profile", default=os.environ.get("FRAMEPACK_PROFILE", DEFAULT_PROFILE), help="tiny | hf | DIR")
+    c.add_argument("--steps", type=int, default=25, help="the step count jobs will use (ratios are per step)")
+    c.add_argument("--seconds", type=float, default=5.0)
+    c.add_argument("--resolution", type=int, default=None)
+    c.add_argument("-o", "--output", type=Path, required=True, help="JSON file of ratios per variant")
     d = sub.add_parser("demo", help="generate a 2-second video from a built-in picture")
     d.add_argument("--profile", default=os.environ.get("FRAMEPACK_PROFILE", DEFAULT_PROFILE))
     d.add_argument("-o", "--output", type=Path, default=Path("results/demo.mp4"))
@@ -132,6 +147,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if result.status == "succeeded" else 1
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """One job with MagCache in calibration mode; its ratios merged into ``args.output``."""
+    import json
+    import tempfile
+
+    from PIL import Image
+
+    from .generate import OutputLayout, generate
+    from .profiles import Models, resolve_profile
+
+    given = {"prompt": args.prompt, "model": args.model, "steps": args.steps, "seed": 31337,
+             "total_second_length": args.seconds, "resolution": args.resolution, "cache": "none"}  # fmt: skip
+    params = JobParams(**{k: v for k, v in given.items() if v is not None})
+    image = Image.open(args.image).convert("RGB")
+    models = Models(resolve_profile(args.profile))
+    with tempfile.TemporaryDirectory(prefix="framepack-calibrate-") as work:
+        result = generate(params, image, models=models, output=OutputLayout(Path(work)), calibrate=True)
+    existing = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    existing[params.model.value] = result.calibrated_ratios
+    args.output.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"{params.model.value}: {len(result.calibrated_ratios or [])} ratios at {params.steps} steps -> "
+          f"{args.output} (use FRAMEPACK_MAG_RATIOS={args.output})")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
     args = _parser().parse_args(argv)
@@ -147,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "calibrate":
+        return cmd_calibrate(args)
     return 2
 
 

@@ -26,18 +26,17 @@ from PIL import Image
 from . import checkpoint, prompts
 from . import events as ev
 from .buckets import fit_to_bucket, resize_and_center_crop
-from .params import FPS, JobParams, Variant
+from .params import FPS, CacheMode, JobParams, Variant
 from .preview import LatentToRGB, make_preview
 from .profiles import Models
 from .sampler import PromptCond, Sampler
 from .sections import TEMPORAL_RATIO, output_seconds, section_count
+from .speed import options_of
 from .stepcache import StepCache
 from .video import video_tensor_to_frames, write_mp4
 
 log = logging.getLogger(__name__)
 
-#: FramePack's TeaCache threshold (rel-L1 0.15), used for diffusers' First Block Cache.
-TEACACHE_THRESHOLD = 0.15
 #: Tokens of prompt kept after the template (diffusers' default).
 MAX_SEQUENCE_LENGTH = 256
 
@@ -91,6 +90,13 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_skipped_steps: int = 0
     transformer_calls: int = 0
+    #: The step cache it ran with and its threshold (None: no cache).
+    cache_mode: str = CacheMode.NONE.value
+    cache_threshold: float | None = None
+    #: The worker's speed options the transformer ran with (:mod:`diffusers_helper.speed`).
+    speed: dict[str, str] = field(default_factory=dict)
+    #: MagCache ratios measured by a calibration run (``calibrate=True``), one per step.
+    calibrated_ratios: list[float] | None = None
     sidecar: Path | None = None
     input_image: Path | None = None
     #: The prompt of each section in time order (``prompts.SectionPrompt`` as dicts).
@@ -137,7 +143,8 @@ def generate(
     models: Models,
     output: OutputLayout,
     end_image: Image.Image | None = None,
-    cache_threshold: float = TEACACHE_THRESHOLD,
+    cache_threshold: float | None = None,
+    calibrate: bool = False,
     lora_dir: Path | None = None,
     resume: bool = False,
     extend_from: Path | None = None,
@@ -151,6 +158,8 @@ def generate(
     (:mod:`diffusers_helper.checkpoint`): with ``resume`` a run continues after the last
     section its checkpoint holds (if it matches these parameters); ``extend_from`` (another
     job's checkpoint, F1 only) continues that job's finished video forward.
+    ``cache_threshold`` overrides the job's (tests force skips with it); ``calibrate``
+    measures MagCache ratios instead of skipping (``result.calibrated_ratios``).
     """
     emit = on_event or (lambda _e: None)
     cancelled = should_cancel or (lambda: False)
@@ -195,6 +204,10 @@ def generate(
         emit(ev.Stage(ev.STAGE_LOADING))
         t = time.perf_counter()
         pipe = models.pipeline(variant, params.gpu_memory_preservation)
+        result.speed = options_of(pipe.transformer).public_dict()
+        if params.loras and result.speed["quant"] == "fp8":
+            raise ValueError("loras: this worker runs its transformer in FP8 (FRAMEPACK_QUANT=fp8), which cannot "
+                             "apply LoRAs; send the job without loras, or run a worker with FRAMEPACK_QUANT=none")
         generator = torch.Generator("cpu").manual_seed(params.seed)
         with models.loras.applied(pipe.transformer, params.loras, lora_dir) as loras:
             result.loras = loras
@@ -257,7 +270,12 @@ def generate(
             agreement = {"params": params.public_dict(), "prompts": [list(b) for b in blends],
                          "loras": [[x["sha256"], x["weight"]] for x in loras], "profile": models.profile.name,
                          "video_sections": base + sections}  # fmt: skip
-            cache = StepCache(pipe.transformer, params.use_teacache, cache_threshold, 2 if negative else 1)
+            result.cache_mode = params.cache_mode.value
+            if params.cache_mode is not CacheMode.NONE:
+                result.cache_threshold = cache_threshold or params.cache_threshold_or_default
+            cache = StepCache(pipe.transformer, result.cache_mode, result.cache_threshold or 0.0, steps,
+                              2 if negative else 1, mag_ratios=models.mag_ratios.get(variant.value),
+                              calibrate=calibrate)  # fmt: skip
             try:
                 check_cancel()
                 for stage in (ev.STAGE_VAE, ev.STAGE_CLIP):
@@ -297,6 +315,8 @@ def generate(
             finally:
                 result.cache_skipped_steps = cache.skipped
                 result.transformer_calls = cache.calls
+                if calibrate:
+                    result.calibrated_ratios = cache.ratios()
                 timings["sampling"] = round(time.perf_counter() - t_sampling, 4)
 
         # 6. The final video: the history, trimmed to whole latent frames as the pipeline does.
@@ -347,9 +367,32 @@ def sidecar(result: GenerationResult, models: Models) -> dict[str, Any]:
         "extended_sections": result.extended_sections,
         "checkpoint_bytes": result.checkpoint_bytes,
         "cache": {
-            "enabled": p.use_teacache,
+            "mode": result.cache_mode,
+            "threshold": result.cache_threshold,
+            "enabled": result.cache_mode != CacheMode.NONE.value,
             "transformer_calls": result.transformer_calls,
             "skipped_steps": result.cache_skipped_steps,
         },
+        "speed": result.speed,
         "timings": result.timings,
     }
+
+
+#: The warm-up job: two sections (the first and the last section's layouts) at the profile's
+#: default bucket, one step each, and a different prompt per section, so the text length
+#: differs between calls and compiled blocks take it as dynamic once, here, instead of
+#: recompiling in the first job whose prompt has another length.
+WARM_UP = JobParams(prompt="[0s: warm up] [1.2s: warming up the compiled transformer blocks of this worker]",
+                    total_second_length=2.4, steps=1, seed=0, use_teacache=False, mp4_crf=23)  # fmt: skip
+
+
+def warm_up(models: Models, variant: Variant, directory: Path) -> float:
+    """Run :data:`WARM_UP` on ``variant`` (compiling its blocks, tuning kernels) and return
+    the seconds it took; its files go to ``directory`` (the caller removes them)."""
+    t = time.perf_counter()
+    image = Image.new("RGB", (models.profile.default_resolution,) * 2, (96, 128, 160))
+    params = WARM_UP.model_copy(update={"model": variant})
+    result = generate(params, image, models=models, output=OutputLayout(directory, "warm-up"))
+    if result.status != "succeeded":
+        raise RuntimeError(f"warm-up did not finish: {result.status}")
+    return time.perf_counter() - t

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "FPS",
     "MAX_SEED",
+    "CACHE_THRESHOLDS",
+    "CacheMode",
     "ExtendParams",
     "JobParams",
     "LoraSpec",
@@ -41,6 +43,21 @@ class Variant(StrEnum):
     FRAMEPACK = "framepack"
     #: FramePack-F1: samples forward ("vanilla"); no end image.
     FRAMEPACK_F1 = "framepack-f1"
+
+
+class CacheMode(StrEnum):
+    """Which step cache a job runs with (:mod:`diffusers_helper.stepcache`)."""
+
+    NONE = "none"
+    #: diffusers' First Block Cache: FramePack's TeaCache idea (what ``use_teacache`` turns on).
+    FIRST_BLOCK = "first_block"
+    #: MagCache with FramePack's published magnitude ratios.
+    MAG = "mag"
+
+
+#: Each cache's threshold when a job gives none: FramePack's TeaCache 0.15 (rel-L1); MagCache's
+#: FramePack demo 0.1 (accumulated error).
+CACHE_THRESHOLDS = {CacheMode.FIRST_BLOCK: 0.15, CacheMode.MAG: 0.10}
 
 
 #: LoRA file names: letters, digits, dot, dash, underscore; no path (the LoRA directory's files only).
@@ -118,7 +135,21 @@ class JobParams(BaseModel):
         description="GB of GPU memory kept free in low-VRAM mode.",
     )
     use_teacache: bool = Field(
-        True, title="Use TeaCache", description="Step cache (TeaCache idea): faster, slightly worse hands."
+        True, title="Use TeaCache", description="Step cache (TeaCache idea): faster, slightly worse hands. "
+        "Ignored when cache is given."
+    )
+    cache: CacheMode | None = Field(
+        None,
+        title="Step cache",
+        description="none, first_block (TeaCache's idea) or mag (MagCache): skips transformer steps whose result "
+        "can be predicted (faster; details may change). Absent: use_teacache decides (true = first_block).",
+    )
+    cache_threshold: float | None = Field(
+        None,
+        title="Step cache threshold",
+        gt=0,
+        le=1,
+        description="Higher skips more. Absent: first_block 0.15, mag 0.1.",
     )
     mp4_crf: int = Field(16, title="MP4 CRF", ge=0, le=51, description="H.264 CRF of the output mp4.")
     model: Variant = Field(Variant.FRAMEPACK, title="Model", description="Model variant.")
@@ -161,6 +192,20 @@ class JobParams(BaseModel):
                 "end_image: the framepack-f1 model samples forward and cannot take an end image; use model=framepack"
             )
         return self
+
+    @property
+    def cache_mode(self) -> CacheMode:
+        """The step cache this job runs with: ``cache`` when given, else ``use_teacache``'s."""
+        if self.cache is not None:
+            return self.cache
+        return CacheMode.FIRST_BLOCK if self.use_teacache else CacheMode.NONE
+
+    @property
+    def cache_threshold_or_default(self) -> float | None:
+        mode = self.cache_mode
+        if mode is CacheMode.NONE:
+            return None
+        return self.cache_threshold if self.cache_threshold is not None else CACHE_THRESHOLDS[mode]
 
     @property
     def seed_is_random(self) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 
 from .lora import LoraCache
 from .params import Variant
+from .speed import EAGER, Device, SpeedOptions
 from .tiny import TINY_RESOLUTION, ensure_tiny
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,24 @@ class Models:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: The LoRA adapters loaded into the transformers (per job: only that job's are active).
     loras: LoraCache = field(default_factory=LoraCache)
+    #: Speed options applied to every transformer once it is loaded and placed (resolved
+    #: and checked by :meth:`set_speed`; eager until then).
+    speed: SpeedOptions = EAGER
+    #: MagCache ratios per variant name, when calibrated for these weights (else FramePack's).
+    mag_ratios: dict[str, list[float]] = field(default_factory=dict)
+
+    def set_speed(self, requested: SpeedOptions) -> SpeedOptions:
+        """Resolve ``auto`` for this machine, check (``SpeedOptionError``), and apply to the
+        transformers loaded so far (and to those loaded later)."""
+        from . import speed
+
+        device = Device.of(self.placement)
+        resolved = speed.resolve(requested, device)
+        speed.check(resolved, device)
+        self.speed = resolved
+        for t in self._transformers.values():
+            speed.apply(t, resolved)
+        return resolved
 
     def load_shared(self) -> dict[str, Any]:
         if self._shared is not None:
@@ -309,6 +328,9 @@ class Models:
         t.eval().requires_grad_(False)
         if not self.placement.low_vram:
             t.to(self.placement.device)
+        from .speed import apply
+
+        apply(t, self.speed)
         self._transformers[variant] = t
         return t
 

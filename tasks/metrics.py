@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,6 +56,10 @@ class WorkerMetrics:
         self.jobs = Counter("framepack_worker_jobs", "Jobs this worker ran, by how they ended", ["state"], registry=r)
         self.busy = Gauge("framepack_worker_busy", "1 while a job runs", registry=r)
         self.ready = Gauge("framepack_worker_ready", "1 once the model is loaded", registry=r)
+        self.speed = Info("framepack_worker_speed", "The speed options the transformer runs with (compile, quant, "
+                          "attention)", registry=r)  # fmt: skip
+        self.warm_up_seconds = Gauge("framepack_worker_warm_up_seconds", "Seconds the warm-up job took (compiling "
+                                     "blocks) before the worker said ready", registry=r)  # fmt: skip
         self.redis_errors = Counter("framepack_redis_errors", "Redis calls that failed (outage, timeout)", ["where"],
                                     registry=r)  # fmt: skip
         self.upload_seconds = Histogram("framepack_results_upload_seconds", "Storing one result file",
@@ -162,6 +166,14 @@ class ClusterCollector(Collector):
             info.add_metric([str(w.get("node") or ""), str(w.get("name") or ""), str(w.get("device") or ""),
                              str(w.get("gpu") or ""), "1" if w.get("job") else "0"], 1)  # fmt: skip
         yield info
+        speed = GaugeMetricFamily("framepack_worker_speed", "One series per live worker: the speed options its "
+                                  "transformer runs with; 1 once warmed up, 0 while warming", labels=["name",
+                                  "compile", "quant", "attention"])  # fmt: skip
+        for w in workers:
+            opts = w.get("speed") or {}
+            speed.add_metric([str(w.get("name") or ""), *(str(opts.get(k) or "") for k in ("compile", "quant",
+                              "attention"))], 0 if w.get("warming") or not w.get("ready") else 1)  # fmt: skip
+        yield speed
 
 
 def serve(registry: CollectorRegistry, port: int, addr: str) -> bool:

@@ -25,6 +25,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from diffusers_helper.profiles import DEFAULT_PROFILE
+from diffusers_helper.speed import AUTO, COMPILE_CHOICES, QUANT_CHOICES, SpeedOptions
 
 
 def _num(env: Mapping[str, str], name: str, default: float, kind: type = float) -> Any:
@@ -164,6 +165,15 @@ class Settings:
     #: How long a worker keeps retrying a job's final through an outage.
     final_retry_seconds: float = 600.0
     torch_threads: int = 0
+    #: The worker's speed options (diffusers_helper.speed): ``auto`` is the fastest measured
+    #: combination the device supports (CUDA: compiled blocks, FP8, cuDNN attention) and
+    #: everything off on a CPU.  A worker that cannot honour an explicit one does not start.
+    compile: str = AUTO
+    quant: str = AUTO
+    attention: str = AUTO
+    #: MagCache ratios calibrated for other weights (``framepack calibrate``'s JSON,
+    #: ``{"framepack": [...], "framepack-f1": [...]}``); empty: FramePack's published ratios.
+    mag_ratios_file: str = ""
     #: The job worker's CPU priority (``nice``, 0-19).  On a host shared with the web tier a
     #: CPU-bound job would otherwise take half the cores from the fan-out to watchers and from
     #: requests whenever both want them (docs/benchmarks.md, scale); on a GPU the worker's
@@ -235,6 +245,10 @@ class Settings:
             redis_retry_seconds=_num(env, "FRAMEPACK_REDIS_RETRY_SECONDS", d.redis_retry_seconds),
             final_retry_seconds=_num(env, "FRAMEPACK_FINAL_RETRY_SECONDS", d.final_retry_seconds),
             torch_threads=_num(env, "FRAMEPACK_TORCH_THREADS", d.torch_threads, int),
+            compile=_choice(env, "FRAMEPACK_COMPILE", d.compile, (AUTO, *COMPILE_CHOICES)),
+            quant=_choice(env, "FRAMEPACK_QUANT", d.quant, (AUTO, *QUANT_CHOICES)),
+            attention=(env.get("FRAMEPACK_ATTENTION") or d.attention).strip().lower(),
+            mag_ratios_file=env.get("FRAMEPACK_MAG_RATIOS", "").strip(),
             worker_nice=_num(env, "FRAMEPACK_WORKER_NICE", d.worker_nice, int),
             max_completed_jobs=_num(env, "FRAMEPACK_MAX_COMPLETED_JOBS", d.max_completed_jobs, int),
             max_upload_bytes=_num(env, "FRAMEPACK_MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
@@ -259,6 +273,10 @@ class Settings:
         """Redis holding job records: the result backend when it is Redis, else ``redis_url``."""
         backend = self.result_backend
         return backend if backend.startswith(("redis://", "rediss://", "unix://")) else self.redis_url
+
+    @property
+    def speed(self) -> SpeedOptions:
+        return SpeedOptions(self.compile, self.quant, self.attention)
 
     def job_limits(self, role: str) -> tuple[float, int]:
         """(longest video in seconds, most steps) one job of ``role`` may ask for."""

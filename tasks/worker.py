@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -44,6 +45,8 @@ from celery.signals import (
     worker_ready,
     worker_shutting_down,
 )
+
+from diffusers_helper.speed import AUTO, EAGER
 
 from . import settings as settings_module
 from . import webhooks
@@ -80,6 +83,10 @@ class WorkerState:
         self.lock = threading.Lock()  # held while the models load
         self.models: Any = None
         self.load_error: str | None = None
+        #: True while the loaded models warm up (compiling blocks); the worker is not ready yet.
+        self.warming = False
+        #: The speed options the models run with and the warm-up's seconds (None before the load).
+        self.speed: dict[str, Any] | None = None
         self.current_job: str | None = None
         self.pool = "prefork"
         self.node: str | None = None  # the Celery worker's hostname (what `celery inspect` names)
@@ -131,6 +138,8 @@ class WorkerState:
             "node": self.node,
             "queues": [QUEUE],
             "ready": models is not None,
+            "warming": self.warming,
+            "speed": self.speed,
             "profile": models.profile.public_dict() if models else None,
             "device": models.placement.device if models else None,
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -167,14 +176,73 @@ def load_models() -> Any:
         profile = resolve_profile(STATE.settings.profile)
         log.warning("framepack worker: profile %s — %s", profile.name, profile.description)
         models = Models(profile)
+        models.mag_ratios = _mag_ratios(STATE.settings.mag_ratios_file)
         models.load_shared()
         models.transformer(Variant.FRAMEPACK)
         STATE.metrics.model_load_seconds.observe(time.perf_counter() - t)
+        options = models.set_speed(STATE.settings.speed)
+        STATE.speed = {**options.public_dict(), "warm_up_seconds": None}
+        STATE.metrics.speed.info(options.public_dict())
+        if options != EAGER:  # compiled or quantized: the first job must not pay for it
+            _warm_up(models, Variant.FRAMEPACK)
         STATE.metrics.ready.set(1)
         STATE.models = models
         STATE.load_error = None
     _start_heartbeat()
     return models
+
+
+def _warm_up(models: Any, variant: Any) -> None:
+    """Run the warm-up job (diffusers_helper.generate.warm_up) before saying ready; the
+    heartbeat says ``warming`` meanwhile and ``/readyz`` answers "warming up"."""
+    import shutil
+    import tempfile
+
+    from diffusers_helper.generate import warm_up
+
+    STATE.warming = True
+    _start_heartbeat()
+    directory = Path(tempfile.mkdtemp(prefix="framepack-warm-up-"))
+    try:
+        log.warning("framepack worker: warming up %s with %s", variant.value, models.speed.public_dict())
+        seconds = warm_up(models, variant, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        STATE.warming = False
+    STATE.speed = {**models.speed.public_dict(), "warm_up_seconds": round(seconds, 1)}
+    STATE.metrics.warm_up_seconds.set(seconds)
+    log.warning("framepack worker: warmed up in %.1f s", seconds)
+
+
+def _mag_ratios(path: str) -> dict[str, list[float]]:
+    """``FRAMEPACK_MAG_RATIOS``: per-variant MagCache ratios from ``framepack calibrate``."""
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    ratios = data.get("mag_ratios", data)
+    if not isinstance(ratios, dict) or not all(isinstance(v, list) and v for v in ratios.values()):
+        raise ValueError(f"FRAMEPACK_MAG_RATIOS={path}: expected {{variant: [ratio per step, ...]}}")
+    return {str(k): [float(x) for x in v] for k, v in ratios.items()}
+
+
+def check_speed_options(settings: Any) -> dict[str, Any] | None:
+    """Explicit speed options are checked before the pool forks, in a fresh process (CUDA
+    must not start in this one): a worker that cannot honour them stops with one line
+    (``SystemExit``).  ``auto`` everywhere needs no check (it only picks what works)."""
+    import subprocess
+    import sys
+
+    options = settings.speed
+    if set(options.public_dict().values()) == {AUTO}:
+        return None
+    args = [f"{k}={v}" for k, v in options.public_dict().items()]
+    done = subprocess.run([sys.executable, "-m", "diffusers_helper.speed", *args], capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+    if done.returncode != 0:
+        line = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        log.critical("framepack worker cannot start: %s", line)
+        raise SystemExit(f"framepack worker cannot start: {line}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def publish_heartbeat() -> None:
@@ -258,6 +326,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
     consumed = getattr(queues, "consume_from", None)
     STATE.runs_jobs = consumed is None or QUEUE in consumed
+    if STATE.runs_jobs:
+        check_speed_options(STATE.settings)
     if STATE.runs_jobs and STATE.settings.worker_nice > 0:
         _lower_priority(min(19, STATE.settings.worker_nice))
 
@@ -492,6 +562,9 @@ def _run(reporter: Reporter, uploader: Uploader, lc: Lifecycle, job_id: str, par
         "sections": result.sections,
         "timings": result.timings,
         "cache_skipped_steps": result.cache_skipped_steps,
+        "cache": {"mode": result.cache_mode, "threshold": result.cache_threshold,
+                  "transformer_calls": result.transformer_calls, "skipped": result.cache_skipped_steps},
+        "speed": result.speed,
         "profile": models.profile.name,
         "loras": result.loras,
         "resumed_from_section": result.resumed_from_section,

@@ -108,3 +108,61 @@ def test_preview_of_a_gpu_tensor_equals_the_cpu_preview():
     a = np.asarray(Image.open(io.BytesIO(on_gpu.jpeg)), dtype=int)
     b = np.asarray(Image.open(io.BytesIO(on_cpu.jpeg)), dtype=int)
     assert np.abs(a - b).max() <= 2  # the same strip up to float rounding before JPEG
+
+
+# -- speed options on real CUDA (diffusers_helper.speed) ------------------------------------------
+def _aligned_models(tiny_dir) -> Models:
+    """Tiny models whose transformer blocks have FP8-friendly sizes (matrix dims multiple of 16:
+    2 heads x 16), loaded on the GPU in bf16 as a high-VRAM worker holds them."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    from diffusers_helper.tiny import transformer_config
+
+    models = _models(tiny_dir, low_vram=False)
+    torch.manual_seed(0)
+    config = {**transformer_config(), "attention_head_dim": 16, "rope_axes_dim": (4, 6, 6), "num_layers": 2,
+              "num_single_layers": 2}  # fmt: skip
+    t = HunyuanVideoFramepackTransformer3DModel(**config).eval().requires_grad_(False)
+    models._transformers[Variant.FRAMEPACK] = t.to("cuda", torch.bfloat16)
+    return models
+
+
+def test_compiled_fp8_blocks_run_jobs_close_to_eager_and_refuse_loras(tiny_dir, tmp_path):
+    from bench.bench_speed import capture_step_inputs, rel_err
+    from diffusers_helper import speed
+
+    if torch.cuda.get_device_capability() < speed.FP8_MIN_CAPABILITY:
+        pytest.skip("FP8 needs compute capability 8.9")
+    eager_models = _aligned_models(tiny_dir)
+    inputs = capture_step_inputs(eager_models, noise_image(96, 80), 64)
+    with torch.no_grad():
+        reference = eager_models.transformer(Variant.FRAMEPACK)(**inputs)[0]
+
+    models = _aligned_models(tiny_dir)
+    resolved = models.set_speed(speed.SpeedOptions("blocks", "fp8", "auto"))
+    assert (resolved.compile, resolved.quant) == ("blocks", "fp8")
+    transformer = models.transformer(Variant.FRAMEPACK)
+    assert all(b._framepack_compiled for b in speed.blocks(transformer))
+    weight = transformer.transformer_blocks[0].ff.net[2].weight
+    assert "float8" in (type(weight).__name__ + str(getattr(weight, "qdata", weight).dtype)).lower()
+    with torch.no_grad():
+        assert rel_err(transformer(**inputs)[0], reference) < 0.1  # FP8 rounding, compiled blocks
+    fast, _ = _job(models, tmp_path, "fast", use_teacache=False)
+    assert fast.speed == resolved.public_dict()
+    assert json.loads(fast.sidecar.read_text())["speed"]["quant"] == "fp8"
+
+    with pytest.raises(ValueError, match="loras: .*FP8"):
+        generate(JobParams(total_second_length=1, steps=1, seed=1, loras=[{"name": "x"}]), noise_image(96, 80),
+                 models=models, output=OutputLayout(tmp_path / "lora"))  # fmt: skip
+
+
+def test_speed_check_resolves_auto_on_this_gpu():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "diffusers_helper.speed", "compile=auto", "quant=auto",
+                           "attention=auto"], capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    resolved = json.loads(done.stdout.strip().splitlines()[-1])
+    assert resolved["device"] == "cuda" and resolved["compile"] == "blocks"
+    assert resolved["attention"] in ("_native_cudnn", "native")

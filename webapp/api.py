@@ -108,9 +108,21 @@ def parse_submission(fields: dict[str, Any], files: dict[str, bytes], lora_dir: 
             lora_files.resolve(lora_dir, spec.name)
         except lora_files.LoraFileError as exc:
             raise ApiError(422, f"loras.{i}.name: {exc}", f"loras.{i}.name") from None
+    if params.loras:
+        check_loras_runnable()
     image = normalise("image", files["image"])
     end = normalise("end_image", files["end_image"]) if has_end else None
     return params, image, end, webhook
+
+
+def check_loras_runnable() -> None:
+    """LoRAs cannot run on an FP8 transformer (diffusers_helper.speed): when every live worker
+    runs FP8 the job is refused here, not failed on the worker."""
+    workers = [w for w in service().workers() if w.get("speed")]
+    if workers and all(w["speed"].get("quant") == "fp8" for w in workers):
+        raise ApiError(422, "loras: the workers run their transformer in FP8 (FRAMEPACK_QUANT=fp8), which cannot "
+                       "apply LoRAs; send the job without loras, or ask for a worker with FRAMEPACK_QUANT=none",
+                       "loras")  # fmt: skip
 
 
 def form_loras(values: list[str]) -> list[dict[str, Any]]:

@@ -286,6 +286,11 @@ class Service:
             return False, f"redis unreachable: {exc}"
         live = [w for w in workers if w.get("ready") and QUEUE in w.get("queues", [])]
         if not live:
+            warming = [w for w in workers if w.get("warming") and QUEUE in w.get("queues", [])]
+            if warming:
+                speed = warming[0].get("speed") or {}
+                opts = ", ".join(f"{k}={v}" for k, v in speed.items() if k != "warm_up_seconds")
+                return False, f"{len(warming)} worker(s) warming up (compiling the model: {opts})"
             errors = sorted({w["error"] for w in workers if w.get("error")})
             why = f": {'; '.join(errors)}" if errors else ""
             return False, f"no worker with its model loaded consumes queue '{QUEUE}'{why}"
