@@ -16,7 +16,16 @@ import os
 import time
 from pathlib import Path
 
-from . import bench_checkpoint, bench_gpu, bench_latency, bench_leak, bench_overhead, bench_preview, bench_scale
+from . import (
+    bench_checkpoint,
+    bench_gpu,
+    bench_latency,
+    bench_leak,
+    bench_overhead,
+    bench_preview,
+    bench_scale,
+    bench_speed,
+)
 from .harness import machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +37,7 @@ MODULES = {
     "leak": bench_leak,
     "checkpoint": bench_checkpoint,
     "gpu": bench_gpu,
+    "speed": bench_speed,
 }
 
 
@@ -96,7 +106,8 @@ def write_doc(results: dict, facts: dict, elapsed: float, smoke: bool) -> str:
         "",
     ]
     for name, module in MODULES.items():
-        result = bench_gpu.stored_or(results[name]) if name == "gpu" else results[name]
+        stored = {"gpu": bench_gpu.stored_or, "speed": bench_speed.stored_or}.get(name)
+        result = stored(results[name]) if stored else results[name]
         lines += [module.markdown(result), ""]
         if name == "latency":
             lines += ["![Latency CDF](latency_cdf.png)", "", NOTES]
@@ -116,7 +127,7 @@ def main() -> None:
     for name, module in MODULES.items():
         t = time.monotonic()
         print(f"== {name} ...", flush=True)
-        results[name] = module.run(smoke=args.smoke)
+        results[name] = module.run() if name == "speed" else module.run(smoke=args.smoke)
         print(f"   {time.monotonic() - t:.0f} s", flush=True)
     elapsed = time.monotonic() - started
     facts = machine_facts()

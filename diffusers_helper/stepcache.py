@@ -151,6 +151,8 @@ class StepCache:
 
     def _before_call(self, *_: Any) -> None:
         if self.enabled:
+            if self.calls % (self.calls_per_step * self.steps) == 0:  # a new section: new noise, nothing to reuse
+                self.transformer._reset_stateful_cache()
             name = "cond" if self.calls % self.calls_per_step == 0 else "uncond"
             self._context = self.transformer.cache_context(name)
             self._context.__enter__()

@@ -94,8 +94,11 @@ def test_cluster_metrics_come_from_redis(valkey_url, settings):
     lc.finish(ids[0], JobState.SUCCEEDED, result={})
     lc.finish(ids[1], JobState.CANCELLED, reason="cancelled by user")
     lc.finish(ids[1], JobState.FAILED, error="late")  # a second end changes nothing, the counters neither
-    workers = [{"name": "h:1", "node": "gpu0@h", "device": "cuda", "gpu": "0", "ready": True, "job": ids[0]},
-               {"name": "h:2", "node": "gpu1@h", "device": "cuda", "gpu": "1", "ready": False, "job": None}]
+    fast = {"compile": "blocks", "quant": "fp8", "attention": "native", "warm_up_seconds": 41.0}
+    workers = [{"name": "h:1", "node": "gpu0@h", "device": "cuda", "gpu": "0", "ready": True, "job": ids[0],
+                "speed": fast},
+               {"name": "h:2", "node": "gpu1@h", "device": "cuda", "gpu": "1", "ready": False, "job": None,
+                "warming": True, "speed": {**fast, "warm_up_seconds": None}}]  # fmt: skip
     collector = ClusterCollector(r, lambda: 4, lambda: workers)
     from prometheus_client import CollectorRegistry
 
@@ -112,6 +115,11 @@ def test_cluster_metrics_come_from_redis(valkey_url, settings):
     assert (got[("framepack_workers", ())], got[("framepack_workers_ready", ())]) == (2, 1)
     assert got[("framepack_worker_info", (("busy", "1"), ("device", "cuda"), ("gpu", "0"), ("name", "h:1"),
                                           ("node", "gpu0@h")))] == 1  # fmt: skip
+    def speed(name: str) -> float:
+        labels = {"attention": "native", "compile": "blocks", "quant": "fp8", "name": name}
+        return got[("framepack_worker_speed", tuple(sorted(labels.items())))]
+
+    assert (speed("h:1"), speed("h:2")) == (1, 0)  # warmed up; still warming
 
     down = ClusterCollector(redis.Redis(port=1, socket_connect_timeout=0.5), lambda: 0, lambda: [])
     registry = CollectorRegistry(auto_describe=False)

@@ -137,6 +137,9 @@ def test_two_workers_run_two_jobs_at_once(cluster):
     assert sorted(w["gpu"] for w in workers) == ["0", "1"]  # CUDA_VISIBLE_DEVICES of each
     assert len({w["node"] for w in workers}) == 2 and all(w["node"].startswith(("gpu0@", "gpu1@")) for w in workers)
     assert {w["device"] for w in workers} == {"cpu"}
+    # the speed options each worker runs with: auto on a CPU is everything off, nothing to warm up
+    assert all(w["speed"] == {"compile": "off", "quant": "none", "attention": "native", "warm_up_seconds": None}
+               and w["warming"] is False for w in workers)  # fmt: skip
 
     a, b = (cluster.submit(total_second_length=4, steps=10) for _ in range(2))
 
@@ -146,7 +149,11 @@ def test_two_workers_run_two_jobs_at_once(cluster):
 
     running = _wait(both_sampling, 120, "both jobs to sample at the same time")
     assert running[0]["worker"] != running[1]["worker"]
-    assert {_ended(cluster, j["id"])["state"] for j in (a, b)} == {"succeeded"}
+    ended = [_ended(cluster, j["id"]) for j in (a, b)]
+    assert {v["state"] for v in ended} == {"succeeded"}
+    result = ended[0]["result"]  # the job's result says how it ran
+    assert result["speed"] == {"compile": "off", "quant": "none", "attention": "native"}
+    assert result["cache"]["mode"] == "first_block" and result["cache"]["transformer_calls"] == 3 * 10
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -168,6 +175,9 @@ def test_metrics_move_with_a_job(cluster):
     assert _sum(web0, "framepack_workers") == 2 and _sum(web0, "framepack_workers_ready") == 2
     assert _sum(web0, "framepack_redis_up") == 1 and ("framepack_queue_depth", ()) in web0
     assert all(_sum(w, "framepack_model_load_seconds_count") == 1 for w in workers0)
+    speed = {"compile": "off", "quant": "none", "attention": "native"}
+    assert _sum(web0, "framepack_worker_speed", **speed) == 2  # both workers, ready
+    assert all(_sum(w, "framepack_worker_speed_info", **speed) == 1 for w in workers0)
 
     feed = watch(cluster.ws_base + "/ws/jobs", timeout=60)  # an all-jobs watcher, held open
     # two gunicorn processes: whichever one a scrape reaches, it counts the watcher
