@@ -297,6 +297,32 @@ class Budget:
         return self.deadline - time.monotonic()
 
 
+def phases(result: dict[str, Any], budget: Budget, save: Any, skipped_key: str) -> Any:
+    """``phase(name, needs_s, fn)``: run ``fn`` if the budget still holds ``needs_s``, else
+    record it as skipped; an exception is recorded (later phases may still run); the result
+    is saved after each, so a cut-off run still reports."""
+
+    def phase(name: str, needs_s: float, fn: Any) -> Any:
+        if budget.left() < needs_s:
+            result[skipped_key].append(f"{name}: {budget.left():.0f} s left, needs ~{needs_s:.0f} s")
+            save()
+            return None
+        print(f"== {name} ({budget.left():.0f} s left)", flush=True)
+        t = time.perf_counter()
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 — report it; later phases may still run
+            result["errors"].append({"phase": name, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                                     "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
+            print(traceback.format_exc(), flush=True)
+            return None
+        finally:
+            print(f"   {time.perf_counter() - t:.1f} s", flush=True)
+            save()
+
+    return phase
+
+
 def _ballast_to(free_gb: float) -> Any:
     """Hold GPU memory so the driver reports about ``free_gb`` free (a smaller card)."""
     gc.collect()
@@ -345,10 +371,10 @@ def measure_load(transformer: Any, placement: Any, work: Path) -> dict[str, Any]
 MEASURED = Path(__file__).with_name("gpu_results.json")
 
 
-def stored_or(result: dict[str, Any]) -> dict[str, Any]:
+def stored_or(result: dict[str, Any], measured: Path = MEASURED, skipped_key: str = "skipped") -> dict[str, Any]:
     """``result``, or the stored GPU measurement when this machine skipped the benchmark."""
-    if "skipped" in result and MEASURED.exists():
-        return {**json.loads(MEASURED.read_text()), "skipped_here": result["skipped"]}
+    if skipped_key in result and measured.exists():
+        return {**json.loads(measured.read_text()), "skipped_here": result[skipped_key]}
     return result
 
 
@@ -389,23 +415,7 @@ def run(smoke: bool = False, tiny_cpu: bool = False, budget_s: float = 450.0, ca
                          "driver_free_gb": round(torch.cuda.mem_get_info()[0] / 2**30, 1)}  # fmt: skip
     image = noise_image(640, 608, seed=3) if device == "cuda" else noise_image(64, 64, seed=3)
 
-    def phase(name: str, needs_s: float, fn: Any) -> Any:
-        if budget.left() < needs_s:
-            result["skipped_phases"].append(f"{name}: {budget.left():.0f} s left, needs ~{needs_s:.0f} s")
-            save()
-            return None
-        print(f"== {name} ({budget.left():.0f} s left)", flush=True)
-        t = time.perf_counter()
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 — report it; later phases may still run
-            result["errors"].append({"phase": name, "error": f"{type(exc).__name__}: {exc}",
-                                     "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
-            print(traceback.format_exc(), flush=True)
-            return None
-        finally:
-            print(f"   {time.perf_counter() - t:.1f} s", flush=True)
-            save()
+    phase = phases(result, budget, save, "skipped_phases")
 
     try:
         # 1. The models, as a worker holds them after loading.

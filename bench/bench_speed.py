@@ -35,14 +35,14 @@ import json
 import statistics
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.bench_gpu import PROMPT, SECONDS, STEPS, Budget, _sync, build_full, noise_image
+from bench import bench_gpu
+from bench.bench_gpu import PROMPT, SECONDS, STEPS, Budget, _sync, build_full, noise_image, phases
 
 #: An H200's dense bf16 peak as measured here (8192^3 matmul, docs/benchmarks.md): the ceiling.
 H200_BF16_TFLOPS = 790.0
@@ -157,23 +157,7 @@ def run(tiny_cpu: bool = False, budget_s: float = 420.0, json_out: str | None = 
         return result
     budget = Budget(budget_s)
 
-    def phase(name: str, needs_s: float, fn: Any) -> Any:
-        if budget.left() < needs_s:
-            result["skipped"].append(f"{name}: {budget.left():.0f} s left, needs ~{needs_s:.0f} s")
-            save()
-            return None
-        print(f"== {name} ({budget.left():.0f} s left)", flush=True)
-        t = time.perf_counter()
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 — reported; later rows may still run
-            result["errors"].append({"phase": name, "error": f"{type(exc).__name__}: {exc}"[:600],
-                                     "traceback": traceback.format_exc()[-3000:]})  # fmt: skip
-            print(traceback.format_exc(), flush=True)
-            return None
-        finally:
-            print(f"   {time.perf_counter() - t:.1f} s", flush=True)
-            save()
+    phase = phases(result, budget, save, "skipped")
 
     # -- models ----------------------------------------------------------------------------
     if cuda:
@@ -345,9 +329,7 @@ MEASURED = Path(__file__).with_name("speed_results.json")
 
 def stored_or(result: dict[str, Any]) -> dict[str, Any]:
     """``result``, or the stored GPU measurement when this machine skipped the benchmark."""
-    if "skipped_all" in result and MEASURED.exists():
-        return {**json.loads(MEASURED.read_text()), "skipped_here": result["skipped_all"]}
-    return result
+    return bench_gpu.stored_or(result, MEASURED, "skipped_all")
 
 
 #: What the H200 run of 2026-12-04 showed, kept with its numbers (``markdown`` prints them
