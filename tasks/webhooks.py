@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import redis
@@ -104,11 +104,25 @@ def _origin_and_path(url: str) -> tuple[str, str]:
     return f"{parts.scheme.lower()}://{host}{port}", path + (f"?{parts.query}" if parts.query else "")
 
 
+def _path_problem(path: str) -> str | None:
+    """Why a webhook path cannot be compared as text, or None.  HTTP clients (httpx among
+    them) resolve ``.`` and ``..`` segments before sending, so ``/hook/../internal`` passed a
+    prefix check on ``/hook`` and reached ``/internal``; percent-encoded dots and backslashes
+    (which some servers read as ``/``) are the same trick in other clothes."""
+    decoded = unquote(path)
+    if "\\" in path or "\\" in decoded:
+        return "backslashes"
+    if any(segment in (".", "..") for segment in decoded.split("/")):
+        return "dot segments (. or ..)"
+    return None
+
+
 def check_url(url: str, allow: tuple[str, ...]) -> None:
     """Raise :class:`WebhookRefused` unless ``url`` is an http(s) URL starting with one of
     the ``allow`` prefixes.  Scheme, host and port must equal the prefix's (so
     ``https://hooks.example.com`` does not admit ``https://hooks.example.com.evil.net``);
-    the path must start with the prefix's path.  No user:password in the URL."""
+    the path, free of dot segments and backslashes (raw or percent-encoded), must start with
+    the prefix's path.  No user:password in the URL."""
     if not allow:
         raise WebhookRefused("webhook: webhooks are not enabled on this server (FRAMEPACK_WEBHOOK_ALLOW is unset)")
     try:
@@ -120,6 +134,9 @@ def check_url(url: str, allow: tuple[str, ...]) -> None:
         raise WebhookRefused("webhook: must be an http:// or https:// URL")
     if parts.username or parts.password:
         raise WebhookRefused("webhook: must not carry a user name or password")
+    problem = _path_problem(parts.path)
+    if problem:
+        raise WebhookRefused(f"webhook: the URL's path must not contain {problem}")
     origin, path = _origin_and_path(url)
     for prefix in allow:
         p_origin, p_path = _origin_and_path(prefix)

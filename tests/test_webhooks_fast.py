@@ -33,7 +33,11 @@ def test_allowed_urls(url):
 @pytest.mark.parametrize("url", ["https://hooks.example.com.evil.net/", "https://hooks.example.com:444/",
                                  "http://hooks.example.com/", "http://127.0.0.1:8124/hook", "http://127.0.0.1:8123/",
                                  "http://u:p@127.0.0.1:8123/hook", "ftp://hooks.example.com/", "hooks.example.com/",
-                                 "http://169.254.169.254/latest/meta-data", "http://[::1/"])  # fmt: skip
+                                 "http://169.254.169.254/latest/meta-data", "http://[::1/",
+                                 "http://127.0.0.1:8123/hook/../../internal-dotdot", "https://hooks.example.com/fp/../../x",
+                                 "http://127.0.0.1:8123/hook/%2e%2e/x", "http://127.0.0.1:8123/hook/%2E%2E%2Fx",
+                                 "http://127.0.0.1:8123/hook/./x", "http://127.0.0.1:8123/hook\\..\\x",
+                                 "http://127.0.0.1:8123/hook%5c..%5cx"])  # fmt: skip
 def test_refused_urls_name_the_field(url):
     with pytest.raises(WebhookRefused) as exc:
         check_url(url, ("https://hooks.example.com", "http://127.0.0.1:8123/hook"))
