@@ -13,6 +13,7 @@ import binascii
 import io
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "MPO"}
@@ -40,6 +41,25 @@ def decode_base64(field: str, value: str) -> bytes:
         raise ImageError(field, "not valid base64 (send a data URL or base64 of the image file)") from None
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The 8-bit RGB picture a viewer shows, whatever the mode.
+
+    Pillow's ``convert("RGB")`` clips high-bit-depth greyscale (16-bit PNGs open as ``I;16``,
+    32-bit ones as ``I``) at 255, so a mid-grey 16-bit image became white; those are scaled to
+    8 bits first (``F``: 0..1).  Alpha is dropped, keeping the colour under it, as FramePack's
+    own UI (Pillow's RGB conversion) does; palette, grey+alpha and CMYK convert as Pillow
+    converts them; an animation's first frame is the one already loaded."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        values = np.asarray(img, dtype=np.float32)
+        top = float(values.max(initial=0))
+        if img.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        else:
+            scale = 255.0 / (65535 if img.mode.startswith("I;16") or top <= 65535 else 2**32 - 1)
+        img = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def normalise(field: str, data: bytes) -> bytes:
     if not data:
         raise ImageError(field, "empty file")
@@ -65,7 +85,7 @@ def normalise(field: str, data: bytes) -> bytes:
         raise ImageError(field, "not an image (PNG, JPEG or WebP expected)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(field, f"unreadable or truncated image ({exc})") from None
-    img = ImageOps.exif_transpose(img).convert("RGB")
+    img = to_rgb(ImageOps.exif_transpose(img))
     img.thumbnail((MAX_SIDE_OUT, MAX_SIDE_OUT), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     img.save(out, format="PNG")
