@@ -41,13 +41,14 @@ ROOT = Path(__file__).resolve().parent
 RESERVED_PORTS = frozenset({6379, 5672})  # the system Redis and a possible RabbitMQ
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (never 6379 or 5672)."""
+def free_port(exclude: frozenset[int] = frozenset()) -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (never 6379 or 5672, nor one of
+    ``exclude``: a port chosen for another server that is not listening yet)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        if port not in RESERVED_PORTS:
+        if port not in RESERVED_PORTS and port not in exclude:
             return port
 
 
@@ -112,7 +113,8 @@ def web_command(port: int, threads: int = 200, processes: int = 1, server: str =
     too).  ``server="gthread"``: a thread per connection, ``threads`` of them per process
     (what the web tier ran before; kept for comparison in ``bench/bench_scale.py``)."""
     cmd = [sys.executable, "-m", "gunicorn", "-c", "python:gunicorn_conf", "-w", str(processes),
-           "-b", f"127.0.0.1:{port}", "--timeout", "120", "--graceful-timeout", "5"]  # fmt: skip
+           "-b", f"127.0.0.1:{port}", "--timeout", "120", "--graceful-timeout", "5",
+           "--no-control-socket"]  # fmt: skip  (one shared ~/.gunicorn/gunicorn.ctl per user otherwise)
     if server == "gevent":
         cmd += ["-k", "gevent", "--worker-connections", str(WEB_CONNECTIONS)]
     elif server == "gthread":
@@ -350,7 +352,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
     try:
         with contextlib.ExitStack() as stack:  # unwinds in reverse: web, worker, Valkey
-            valkey = None if external else stack.enter_context(Valkey(ROOT / "var" / "valkey"))
+            # never the web tier's port: it is not bound yet, so the OS may offer it (seen once in ~30 starts)
+            valkey = None if external else stack.enter_context(Valkey(ROOT / "var" / "valkey",
+                                                                       port=free_port(frozenset({port}))))  # fmt: skip
             redis_url = external or (valkey.url if valkey else "")
             where = " (from REDIS_URL)" if external else " (embedded Valkey)"
             print(f"redis: {mask_url(redis_url)}{where}", flush=True)

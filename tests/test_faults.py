@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 
 import httpx
 import pytest
+
+from stack import ROOT
 
 from .conftest import running_stack
 from .wsclient import watch
@@ -168,19 +171,41 @@ def test_purge_ends_queued_jobs_and_positions_follow(ops):
     assert _ended(ops, later["id"])["state"] == "succeeded"
 
 
-@contextlib.contextmanager
-def flower(stack):
-    """The real Flower, as the Procfile starts it, its API open on a free local port."""
+#: The operator Flower lets in (``FLOWER_BASIC_AUTH``, as the Procfile requires it).
+OPERATOR = ("operator", "flower-Pa55-word")
+
+
+def flower_command(port: int) -> list[str]:
+    """The Procfile's ``flower:`` line with its defaults (local address, basic auth) filled in."""
+    import shlex
     import sys
 
+    line = next(x for x in (ROOT / "Procfile").read_text().splitlines() if x.startswith("flower:"))
+    words = shlex.split(line.split(":", 1)[1])
+    values = {"FLOWER_ADDRESS": "127.0.0.1", "FLOWER_PORT": str(port), "FLOWER_BASIC_AUTH": ":".join(OPERATOR)}
+    out = []
+    for word in words:
+        for name, value in values.items():
+            word = re.sub(r"\$\{" + name + r"(:[-?][^}]*)?\}", value, word)
+        assert "$" not in word, word
+        out.append(word)
+    assert out[:3] == ["celery", "-A", "tasks"]
+    return [sys.executable, "-m", *out]
+
+
+@contextlib.contextmanager
+def flower(stack):
+    """The real Flower, started as the Procfile starts it (its API for the operator only)."""
     from stack import Proc, free_port, wait_http
 
     port = free_port()
-    cmd = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
-    env = {**stack.env, "FLOWER_UNAUTHENTICATED_API": "true"}
-    with Proc(cmd, env, stack.root / "flower.log", echo=False, name="flower") as proc:
-        wait_http(f"http://127.0.0.1:{port}/api/workers", 60, proc=proc)
+    with Proc(flower_command(port), stack.env, stack.root / "flower.log", echo=False, name="flower") as proc:
+        wait_http(f"http://127.0.0.1:{port}/healthcheck", 60, proc=proc)
         yield f"http://127.0.0.1:{port}"
+
+
+def _as_operator(method: str, url: str) -> httpx.Response:
+    return httpx.request(method, url, auth=OPERATOR, timeout=30)
 
 
 def test_flower_shows_every_end_as_an_end_state(ops):
@@ -208,12 +233,33 @@ def test_flower_shows_every_end_as_an_end_state(ops):
                   f"{celery_state} in Flower for {ours}")  # fmt: skip
             raw = json.loads(ops.redis().get(f"celery-task-meta-{job_id}"))
             assert raw["status"] == celery_state  # the result backend agrees
-            _wait(lambda j=job_id, c=celery_state: httpx.get(f"{flower_url}/api/task/info/{j}").json()["state"] == c,
-                  20, f"Flower itself to show {celery_state}")  # fmt: skip
+            _wait(lambda j=job_id, c=celery_state: _as_operator("GET", f"{flower_url}/api/task/info/{j}").json()[
+                  "state"] == c, 20, f"Flower itself to show {celery_state}")  # fmt: skip
         assert "input image is missing" in events.task(broken["id"]).result
         assert events.task(cancelled["id"]).result == "cancelled by user"
-        shown = httpx.get(f"{flower_url}/api/task/info/{cancelled['id']}").json()
+        shown = _as_operator("GET", f"{flower_url}/api/task/info/{cancelled['id']}").json()
         assert shown["result"] == "cancelled by user" and shown["started"]
+
+
+def test_flower_as_shipped_lets_the_operator_revoke_and_terminate_and_no_one_else(ops):
+    with flower(ops) as flower_url:
+        for auth in (None, ("operator", "wrong"), ("someone", "flower-Pa55-word")):
+            assert httpx.get(f"{flower_url}/api/workers", auth=auth).status_code == 401
+            assert httpx.get(f"{flower_url}/", auth=auth).status_code == 401
+        assert _as_operator("GET", f"{flower_url}/api/workers").status_code == 200
+        running = ops.submit(**LONG)
+        queued = ops.submit()
+        _sampling(ops, running["id"])
+        # its buttons call these: Revoke on the queued job, Terminate on the running one
+        refused = httpx.post(f"{flower_url}/api/task/revoke/{queued['id']}")
+        assert refused.status_code == 401 and ops.job(queued["id"])["state"] == "queued"
+        assert _as_operator("POST", f"{flower_url}/api/task/revoke/{queued['id']}").status_code == 200
+        ended = _wait(lambda: (v := ops.job(queued["id"]))["finished_at"] and v, 60, "the revoked job's end")
+        assert ended["state"] == "cancelled" and "revoked by operator" in ended["reason"]
+        terminate = f"{flower_url}/api/task/revoke/{running['id']}?terminate=true&signal=SIGTERM"
+        assert _as_operator("POST", terminate).status_code == 200
+        ended = _wait(lambda: (v := ops.job(running["id"]))["finished_at"] and v, 60, "the terminated job's end")
+        assert ended["state"] == "cancelled" and "terminated by operator" in ended["reason"]
 
 
 def test_redis_restart_mid_job_costs_nothing(tmp_path, tiny_dir):
