@@ -78,6 +78,17 @@ def resolve(directory: Path | None, name: str) -> Path:
     return path
 
 
+def check(directory: Path | None, name: str) -> Path:
+    """:func:`resolve`, and the file's header read: a file ``/api/loras`` would list as
+    unreadable is refused at submit (:class:`LoraFileError`), not on the worker."""
+    path = resolve(directory, name)
+    try:
+        read_keys(path)
+    except OSError as exc:
+        raise LoraFileError(f"{path.name}: unreadable ({exc.strerror or exc})") from None
+    return path
+
+
 def list_loras(directory: Path | None) -> list[dict[str, Any]]:
     """Every ``.safetensors`` file of the directory with its size and detected format."""
     if directory is None or not Path(directory).is_dir():
@@ -109,4 +120,4 @@ def _sha256(path: str, _size: int, _mtime: int) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["SUFFIX", "LoraFileError", "detect_format", "file_sha256", "list_loras", "read_keys", "resolve"]
+__all__ = ["SUFFIX", "LoraFileError", "check", "detect_format", "file_sha256", "list_loras", "read_keys", "resolve"]

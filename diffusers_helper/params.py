@@ -67,7 +67,7 @@ LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 class LoraSpec(BaseModel):
     """One LoRA of a job: a file of the LoRA directory and its weight."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=LORA_NAME, title="LoRA file", description="A file in FRAMEPACK_LORA_DIR (the "
                       ".safetensors suffix may be left out); GET /api/loras lists them.")  # fmt: skip
@@ -78,7 +78,7 @@ class PromptSpan(BaseModel):
     """A prompt for a stretch of the video (seconds from its start; ``end`` null = until the
     next span starts, or the end).  Times snap to sections, and every span gets at least one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     start: float = Field(ge=0, le=120, title="Start (s)")
     end: float | None = Field(None, ge=0, le=120, title="End (s)")
@@ -98,7 +98,7 @@ class JobParams(BaseModel):
     real weights, small for the tiny profile): :meth:`with_resolution` fills it in.
     """
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False)
 
     prompt: str = Field("", title="Prompt", max_length=4000, description="What the video should show.")
     n_prompt: str = Field(
@@ -193,6 +193,24 @@ class JobParams(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _prompt_times_inside_the_video(self) -> JobParams:
+        """A timestamp must fall inside the video (``[99999s: x]`` used to fail on the worker)."""
+        from .prompts import parse
+
+        field, spans = "prompts", self.prompts
+        if not spans:
+            field = "prompt"
+            try:
+                spans = parse(self.prompt)[1]
+            except ValidationError as exc:
+                raise ValueError(f"prompt: a timestamp is out of range ({field_errors(exc)[0]['message']})") from None
+        for span in spans:
+            if span.start >= self.total_second_length:
+                raise ValueError(f"{field}: the prompt starting at {span.start:g} s starts after the video ends "
+                                 f"(total_second_length is {self.total_second_length:g} s)")  # fmt: skip
+        return self
+
     @property
     def cache_mode(self) -> CacheMode:
         """The step cache this job runs with: ``cache`` when given, else ``use_teacache``'s."""
@@ -234,7 +252,7 @@ class ExtendParams(BaseModel):
     """How to extend a finished video (``POST /api/jobs/<id>/extend``): the F1 model
     continues it forward from its last checkpoint, with its other parameters unchanged."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seconds: float = Field(ge=1, le=120, title="Seconds to add", description="Length of the continuation.")
     prompt: str | None = Field(None, max_length=4000, title="Prompt", description="The continuation's prompt "
@@ -253,6 +271,8 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
         msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "finite_number":
+            msg = "not a number (NaN and infinity are refused)"
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if not loc and ":" in msg:

@@ -175,10 +175,7 @@ class Lifecycle:
         total = self.settings.max_queue
 
         def txn(p: redis.client.Pipeline) -> None:
-            if total and p.zcard(Keys.QUEUED) >= total:
-                raise QueueFull("queue", total)
-            if per_owner and p.zcard(Keys.owner_queued(owner)) >= per_owner:
-                raise QueueFull("token", per_owner)
+            self._check_room(p, owner)
             p.multi()
             p.hset(Keys.job(job_id), mapping=record)
             p.expire(Keys.job(job_id), self.ttl)
@@ -191,15 +188,43 @@ class Lifecycle:
                 p.zadd(Keys.owner_jobs(owner), {job_id: now})
                 p.zadd(Keys.owner_queued(owner), {job_id: number})
             p.zadd(Keys.QUEUED, {job_id: number})
+            p.hincrby(Keys.STATS, Keys.STATS_SUBMITTED, 1)
             p.zrank(Keys.QUEUED, job_id)
 
         watched = ([Keys.QUEUED] if total else []) + ([Keys.owner_queued(owner)] if per_owner else [])
-        rank = self.r.transaction(txn, *watched)[-1]
+        try:
+            rank = self.r.transaction(txn, *watched)[-1]
+        except QueueFull as exc:
+            self.count_refusal(exc.scope)
+            raise
         rec = decode_record(record) or {}
         view = build_view(rec, None, position=(rank or 0) + 1, alive=False, heartbeat_ttl=self.settings.heartbeat_ttl)
         self.r.publish(Keys.EVENTS, feed_event("submitted", job_id, JobState.QUEUED, summary=summary_of(view),
                                                owner=owner))  # fmt: skip
         return view
+
+    def _check_room(self, r: redis.Redis | redis.client.Pipeline, owner: str | None) -> None:
+        """:class:`QueueFull` when everyone's queue (``max_queue``) or the owner's
+        (``max_queued_per_token``) has no room."""
+        total = self.settings.max_queue
+        per_owner = self.settings.max_queued_per_token if owner is not None else 0
+        if total and r.zcard(Keys.QUEUED) >= total:
+            raise QueueFull("queue", total)
+        if per_owner and r.zcard(Keys.owner_queued(owner)) >= per_owner:
+            raise QueueFull("token", per_owner)
+
+    def check_room(self, owner: str | None) -> None:
+        """Refuse (and count) a submission that would find no room, before its upload is
+        read and decoded; :meth:`submit` checks again, atomically."""
+        try:
+            self._check_room(self.r, owner)
+        except QueueFull as exc:
+            self.count_refusal(exc.scope)
+            raise
+
+    def count_refusal(self, reason: str) -> None:
+        """One more submission refused for ``reason`` (``tasks.protocol.REFUSALS``)."""
+        self.r.hincrby(Keys.STATS, Keys.stats_refused(reason), 1)
 
     def record_batch(self, batch_id: str, job_ids: list[str], errors: list[dict[str, Any]],
                      owner: str | None = None) -> None:  # fmt: skip

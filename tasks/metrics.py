@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .protocol import TERMINAL, Keys
+from .protocol import REFUSALS, TERMINAL, Keys
 
 log = logging.getLogger("framepack.metrics")
 
@@ -131,9 +131,8 @@ class ClusterCollector(Collector):
             p = self.r.pipeline(transaction=False)
             p.zcard(Keys.QUEUED)
             p.zcard(Keys.RUNNING)
-            p.get(Keys.SUBMITTED)
             p.hgetall(Keys.STATS)
-            queued, running, submitted, stats = p.execute()
+            queued, running, stats = p.execute()
             workers = self.workers()
         except redis.RedisError as exc:  # the scrape still answers (per-process metrics), saying why
             log.warning("metrics: Redis unavailable: %s", exc)
@@ -144,9 +143,16 @@ class ClusterCollector(Collector):
         jobs.add_metric(["queued"], queued)
         jobs.add_metric(["running"], running)
         yield jobs
-        yield CounterMetricFamily("framepack_jobs_submitted", "Jobs submitted", value=int(submitted or 0))
-        ended = CounterMetricFamily("framepack_jobs_finished", "Jobs ended, by how", labels=["state"])
         counts = {k.decode(): int(v) for k, v in stats.items()}
+        yield CounterMetricFamily("framepack_jobs_submitted", "Jobs submitted and stored",
+                                  value=counts.get(Keys.STATS_SUBMITTED, 0))  # fmt: skip
+        refused = CounterMetricFamily("framepack_jobs_refused", "Submissions refused, by why: a queue limit "
+                                      "(queue: everyone's, token: the caller's) or the input (invalid)",
+                                      labels=["reason"])  # fmt: skip
+        for reason in REFUSALS:
+            refused.add_metric([reason], counts.get(Keys.stats_refused(reason), 0))
+        yield refused
+        ended = CounterMetricFamily("framepack_jobs_finished", "Jobs ended, by how", labels=["state"])
         for state in sorted(s.value for s in TERMINAL):
             ended.add_metric([state], counts.get(Keys.stats_finished(state), 0))
         yield ended

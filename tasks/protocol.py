@@ -62,6 +62,11 @@ LEGACY_STATUS: dict[JobState, str] = {
 
 
 # -- Redis keys -------------------------------------------------------------------------
+#: Why a submission was refused (``framepack_jobs_refused_total{reason}``): a queue limit
+#: (everyone's, or the caller's token's), or its input (a 4xx naming a field).
+REFUSALS = ("queue", "token", "invalid")
+
+
 class Keys:
     """Every Redis key and channel name of ours (Celery's own are named here too)."""
 
@@ -77,11 +82,16 @@ class Keys:
     MISSING = "fp:missing"  # HASH job_id -> first sweep that found its message gone from the broker
     OWNERS = "fp:owners"  # SET: names of every token that submitted (their indexes below)
     WEBHOOKS_DUE = "fp:webhooks"  # ZSET job_id -> when its next webhook delivery is due (sweep re-dispatches)
-    STATS = "fp:stats"  # HASH counters for /metrics: finished:<state> -> jobs that ended so (never expires)
+    STATS = "fp:stats"  # HASH counters for /metrics (never expire): submitted, finished:<state>, refused:<reason>
+    STATS_SUBMITTED = "submitted"  # field of STATS: jobs stored (SUBMITTED also counts refused tries)
 
     @staticmethod
     def stats_finished(state: str) -> str:  # field of STATS
         return f"finished:{state}"
+
+    @staticmethod
+    def stats_refused(reason: str) -> str:  # field of STATS: submissions refused, by REFUSALS reason
+        return f"refused:{reason}"
 
     @staticmethod
     def job(job_id: str) -> str:  # HASH: the job record (see JOB_FIELDS)

@@ -182,6 +182,12 @@ class Settings:
     #: The original API's POST /cleanup_jobs keeps this many finished jobs.
     max_completed_jobs: int = 100
     max_upload_bytes: int = 32 * 2**20
+    #: Uploads (requests with a body) one address, and one token, may have in flight per web
+    #: process (429 beyond), and the slowest a body may arrive after a 10 s grace (408 below):
+    #: slow bodies cost their client's time, not the web tier's (webapp/bodyguard.py).
+    max_uploads_per_address: int = 16
+    max_uploads_per_token: int = 4
+    body_min_rate: int = 64 * 1024
     ws_send_buffer: int = 256 * 1024
     #: Open watcher streams (WebSocket and SSE) one web process serves; one more is refused at
     #: once (WebSocket close 1013, SSE 503 with Retry-After), never left waiting.  About 55 KB
@@ -252,6 +258,9 @@ class Settings:
             worker_nice=_num(env, "FRAMEPACK_WORKER_NICE", d.worker_nice, int),
             max_completed_jobs=_num(env, "FRAMEPACK_MAX_COMPLETED_JOBS", d.max_completed_jobs, int),
             max_upload_bytes=_num(env, "FRAMEPACK_MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
+            max_uploads_per_address=_num(env, "FRAMEPACK_MAX_UPLOADS_PER_ADDRESS", d.max_uploads_per_address, int),
+            max_uploads_per_token=_num(env, "FRAMEPACK_MAX_UPLOADS_PER_TOKEN", d.max_uploads_per_token, int),
+            body_min_rate=_num(env, "FRAMEPACK_BODY_MIN_RATE", d.body_min_rate, int),
             ws_send_buffer=_num(env, "FRAMEPACK_WS_SEND_BUFFER", d.ws_send_buffer, int),
             watcher_capacity=_num(env, "FRAMEPACK_WATCHER_CAPACITY", d.watcher_capacity, int),
             api_tokens=env.get("FRAMEPACK_API_TOKENS", "").strip(),

@@ -108,7 +108,9 @@ def test_loras_are_refused_at_submit_when_every_worker_runs_fp8(settings, tmp_pa
 
     lora_dir = tmp_path / "loras"
     lora_dir.mkdir()
-    (lora_dir / "style.safetensors").write_bytes(b"x")  # resolve() only checks the name here
+    from safetensors.torch import save_file
+
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 2)}, str(lora_dir / "style.safetensors"))
     s = dataclasses.replace(settings, lora_dir=lora_dir)
     client = create_app({"SETTINGS": s, "SWEEPER": False}).test_client()
     r = redis.Redis.from_url(settings.store_url)

@@ -22,6 +22,7 @@ from tasks import logs
 from tasks import settings as settings_module
 
 from . import api, auth, compat, errors, metrics, openapi, ws
+from .bodyguard import BodyGuard
 from .service import Service
 
 log = logging.getLogger("framepack.web")
@@ -56,6 +57,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if app.config["SWEEPER"]:
         service.start_sweeper()
 
+    app.wsgi_app = BodyGuard(app.wsgi_app, per_address=s.max_uploads_per_address,  # type: ignore[method-assign]
+                             per_token=s.max_uploads_per_token, min_rate=s.body_min_rate,
+                             max_bytes=s.max_upload_bytes)  # fmt: skip
     errors.init_app(app)
     toks = auth.init_app(app, s.api_tokens)
     app.register_blueprint(api.bp)

@@ -25,6 +25,7 @@ from tasks.webhooks import WebhookRefused, WebhookSpec, check_url
 from . import files, sse
 from .auth import Principal, principal, tokens
 from .errors import ApiError, from_image, from_validation, not_found
+from .offload import off_loop
 from .service import Service
 from .uploads import ImageError, decode_base64, normalise
 
@@ -105,13 +106,13 @@ def parse_submission(fields: dict[str, Any], files: dict[str, bytes], lora_dir: 
     check_role_limits(params, principal())
     for i, spec in enumerate(params.loras):
         try:
-            lora_files.resolve(lora_dir, spec.name)
+            lora_files.check(lora_dir, spec.name)
         except lora_files.LoraFileError as exc:
             raise ApiError(422, f"loras.{i}.name: {exc}", f"loras.{i}.name") from None
     if params.loras:
         check_loras_runnable()
-    image = normalise("image", files["image"])
-    end = normalise("end_image", files["end_image"]) if has_end else None
+    image = off_loop(normalise, "image", files["image"])
+    end = off_loop(normalise, "end_image", files["end_image"]) if has_end else None
     return params, image, end, webhook
 
 
@@ -147,9 +148,18 @@ def form_fields() -> dict[str, Any]:
     return fields
 
 
+def json_body() -> Any:
+    """The request's JSON (None when it is not JSON).  400 for JSON nested deeper than
+    Python's parser recurses (a 100,000-deep array was a 500 with a RecursionError)."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise ApiError(400, "body: JSON nested too deeply", "body") from None
+
+
 def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
     if request.mimetype == "application/json":
-        body = request.get_json(silent=True)
+        body = json_body()
         if not isinstance(body, dict):
             raise ImageError("body", "the JSON body must be an object", status=400)
         files = {}
@@ -165,10 +175,26 @@ def read_request() -> tuple[dict[str, Any], dict[str, bytes]]:
     return form_fields(), files
 
 
+@contextlib.contextmanager
+def refusals_counted() -> Iterator[None]:
+    """A submission refused for its input (4xx naming a field) counts in
+    ``framepack_jobs_refused_total{reason="invalid"}``; queue limits count themselves."""
+    try:
+        yield
+    except (ApiError, ImageError, ValidationError) as exc:
+        if not isinstance(exc, ApiError) or exc.status in (400, 413, 415, 422):
+            service().lifecycle.count_refusal("invalid")
+        raise
+
+
 def submit_from_request() -> dict[str, Any]:
-    """Shared by ``POST /api/jobs`` and the legacy ``POST /generate``."""
-    fields, files = read_request()
-    params, image, end, webhook = parse_submission(fields, files, service().settings.lora_dir)
+    """``POST /api/jobs``: read, check and store one job (no room: refused before the upload
+    is even decoded)."""
+    with queue_errors():
+        service().lifecycle.check_room(principal().owner)
+    with refusals_counted():
+        fields, files = read_request()
+        params, image, end, webhook = parse_submission(fields, files, service().settings.lora_dir)
     with queue_errors():
         return service().submit(params, image, end, owner=principal().owner, webhook=webhook)
 
@@ -261,7 +287,7 @@ def cancel_job(job_id: str) -> Response:
 def extend_job(job_id: str) -> Response:
     """Continue a succeeded job's video forward (F1, from its last section checkpoint)."""
     view = view_or_404(job_id)
-    body = request.get_json(silent=True) if request.mimetype == "application/json" else request.form.to_dict()
+    body = json_body() if request.mimetype == "application/json" else request.form.to_dict()
     if not isinstance(body, dict):
         raise ApiError(400, "body: a JSON object (or a form) with seconds", "body")
     ext = ExtendParams.model_validate(body)
@@ -342,7 +368,7 @@ def _batch_entries() -> tuple[list[tuple[dict[str, Any], dict[str, bytes]]], int
     """``(fields, files)`` per entry: multipart ``images`` (repeated) with the shared fields,
     or JSON ``{"defaults": {...}, "jobs": [{"image": ..., overrides}]}``."""
     if request.mimetype == "application/json":
-        body = request.get_json(silent=True)
+        body = json_body()
         if not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
             raise ApiError(400, "jobs: the JSON body must be an object with a list of jobs", "jobs")
         defaults = body.get("defaults") or {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from collections.abc import Callable, Iterator
 from pathlib import PurePath
 from typing import Any
@@ -27,7 +28,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import TypeAdapter, ValidationError
 
 from diffusers_helper import lora_files
-from diffusers_helper.params import MAX_SEED, JobParams
+from diffusers_helper.params import MAX_SEED, JobParams, field_errors
 from tasks.lifecycle import QueueFull
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState, Keys
 
@@ -35,6 +36,7 @@ from . import files, sse
 from .api import QUEUE_RETRY_AFTER, parse_webhook, visible_owner
 from .auth import principal
 from .errors import ApiError
+from .offload import off_loop
 from .service import Service
 from .uploads import ImageError, normalise
 
@@ -126,7 +128,7 @@ def _to_params(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[s
         if name == "mp4_crf":
             used = int(round(used))
         if used != value:
-            adjusted[name] = {"requested": value, "used": used}
+            adjusted[name] = {"requested": _json_number(value), "used": used}
         params[ours] = used
     seed = values["seed"]
     params["seed"] = seed if 0 <= seed <= MAX_SEED else -1 if seed < 0 else seed % (MAX_SEED + 1)
@@ -135,35 +137,69 @@ def _to_params(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[s
     lora = (values["lora_path"] or "").strip()
     if lora:  # a file of our LoRA directory, named as the fork's clients name it: by path
         try:
-            lora_files.resolve(service().settings.lora_dir, PurePath(lora).stem)
+            lora_files.check(service().settings.lora_dir, PurePath(lora).stem)
         except lora_files.LoraFileError as exc:
             raise LegacyError(422, [{"type": "value_error", "loc": ["body", "lora_path"], "msg": str(exc),
                                      "input": lora}]) from None  # fmt: skip
         scale = min(max(values["lora_scale"], -4), 4) if values["lora_scale"] == values["lora_scale"] else 1.0
         if scale != values["lora_scale"]:
-            adjusted["lora_scale"] = {"requested": values["lora_scale"], "used": scale}
+            adjusted["lora_scale"] = {"requested": _json_number(values["lora_scale"]), "used": scale}
         params["loras"] = [{"name": PurePath(lora).stem, "weight": scale}]
     return params, adjusted
 
 
+#: Our parameter names -> the original form's, for its error shapes.
+LEGACY_NAMES = {ours: legacy for legacy, (ours, _low, _high) in RANGES.items()} | {"loras": "lora_path"}
+
+
+def _validated(params: dict[str, Any]) -> JobParams:
+    """Our schema's checks the clamping cannot fix (a 5,000-character prompt, a timestamp
+    after the end) as FastAPI's 422, naming the original form's field (was a 500)."""
+    try:
+        return JobParams.model_validate(params)
+    except ValidationError as exc:
+        errors = [{"type": "value_error", "loc": ["body", LEGACY_NAMES.get(e["field"].split(".")[0], e["field"])],
+                   "msg": e["message"], "input": None} for e in field_errors(exc)]  # fmt: skip
+        raise LegacyError(422, errors) from None
+
+
+def _json_number(value: Any) -> Any:
+    """NaN and infinity are not JSON: reported as their names."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _checked_form() -> tuple[JobParams, bytes, dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The form as our parameters, the normalised image, the webhook and what was clamped;
+    a refusal (``LegacyError``) counts as ``refused{reason="invalid"}``."""
+    try:
+        params, adjusted = _to_params(_form_values())
+        job_params = _validated(params)
+        try:
+            image = off_loop(normalise, "image", request.files["image"].read())
+        except ImageError as exc:
+            raise LegacyError(400, f"Failed to read or process uploaded image: {exc.message}") from None
+        try:
+            webhook = parse_webhook({k: request.form.get(k) for k in ("webhook", "webhook_events")
+                                     if k in request.form})  # fmt: skip
+        except ApiError as exc:
+            raise LegacyError(exc.status, exc.message) from None
+    except LegacyError:
+        service().lifecycle.count_refusal("invalid")
+        raise
+    return job_params, image, webhook, adjusted
+
+
 @bp.post("/generate")
 def generate() -> Response:
-    values = _form_values()
-    params, adjusted = _to_params(values)
     try:
-        image = normalise("image", request.files["image"].read())
-    except ImageError as exc:
-        raise LegacyError(400, f"Failed to read or process uploaded image: {exc.message}") from None
-    try:
-        webhook = parse_webhook({k: request.form.get(k) for k in ("webhook", "webhook_events") if k in request.form})
-    except ApiError as exc:
-        raise LegacyError(exc.status, exc.message) from None
-    try:
-        job = service().submit(JobParams.model_validate(params), image, None, owner=principal().owner,
-                               webhook=webhook)  # fmt: skip
+        service().lifecycle.check_room(principal().owner)  # before the upload is decoded
+        job_params, image, webhook, adjusted = _checked_form()
+        job = service().submit(job_params, image, None, owner=principal().owner, webhook=webhook)
     except QueueFull as exc:
         raise LegacyError(429 if exc.scope == "token" else 503, str(exc),
                           {"Retry-After": str(QUEUE_RETRY_AFTER)}) from None  # fmt: skip
+    except LegacyError:
+        raise
     except Exception as exc:  # noqa: BLE001 — the broker is down
         raise LegacyError(500, f"Failed to add job to queue: {exc}") from None
     body: dict[str, Any] = {"job_id": job["id"], "message": "Video generation job added to queue."}
