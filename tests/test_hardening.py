@@ -82,6 +82,9 @@ def test_eight_pathological_pngs_do_not_stall_the_web_tier(tmp_path, tiny_dir):
         print(f"uploads {min(uploads):.2f}-{max(uploads):.2f} s; /healthz x{len(latencies)}: p50 {p50 * 1000:.1f} ms, "
               f"p99 {p99 * 1000:.1f} ms, max {worst * 1000:.1f} ms")
         assert len(latencies) > 20 and p99 < 0.1  # ...and the loop answered meanwhile
+        deep = httpx.post(live.base + "/api/jobs", content=b"[" * 100_000 + b"]" * 100_000,
+                          headers={"Content-Type": "application/json"})  # parsed in a pool thread: still a 400
+        assert deep.status_code == 400 and deep.json()["field"] == "body"
 
 
 def _slow_upload(port: int, token: str | None = None) -> socket.socket:
