@@ -100,6 +100,17 @@ def _close_after_grace(ws: Any) -> None:
             pass  # the client closed first
 
 
+def _close_and_linger(ws: Any, reason: int, message: str) -> None:
+    """Close with ``reason``, then give the client up to :data:`CLOSE_GRACE_SECONDS` to answer
+    with its own close frame before the connection is torn down.  Returning at once let the
+    server close the TCP connection while the client's answer was in flight: the kernel then
+    resets it and the client may lose our close frame, code and all (seen as 1005 instead of
+    4404 under load)."""
+    ws.event.clear()
+    ws.close(reason=reason, message=message)
+    ws.event.wait(CLOSE_GRACE_SECONDS)
+
+
 def _pump(ws: Any, outbox: Any, sent_seq: int, until_final: bool) -> None:
     """Hand the socket to its outbox after the snapshot, then write what the producer
     could not, ping when idle, and close after the final (or when too far behind)."""
@@ -129,7 +140,7 @@ def _admitted(ws: Any, svc: Service) -> bool:
     """Take a stream slot, or close with 1013 at once (the client retries after a while)."""
     if svc.hub.admit():
         return True
-    ws.close(reason=CLOSE_TRY_LATER, message=f"server at watcher capacity: try again in {RETRY_AFTER} s")
+    _close_and_linger(ws, CLOSE_TRY_LATER, f"server at watcher capacity: try again in {RETRY_AFTER} s")
     return False
 
 
@@ -147,7 +158,7 @@ def job_stream(ws: Any, job_id: str) -> None:
 def _job_stream(ws: Any, svc: Service, job_id: str) -> None:
     record = svc.record(job_id)
     if record is None or not principal().may_see(record.get("owner")):
-        ws.close(reason=CLOSE_UNKNOWN_JOB, message="unknown job")
+        _close_and_linger(ws, CLOSE_UNKNOWN_JOB, "unknown job")
         return
     _limit_send_buffer(ws)
     outbox = svc.hub.new_outbox()
