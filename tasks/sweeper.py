@@ -166,6 +166,7 @@ class Sweeper:
         self.broker = broker
         self.remove_files = remove_files
         self._thread: threading.Thread | None = None
+        self._lost_since: dict[str, float] = {}  # job id -> when a sweep first found its worker gone
 
     # -- one pass ----------------------------------------------------------------------------
     def sweep(self, now: float | None = None) -> dict[str, list[str]]:
@@ -186,17 +187,26 @@ class Sweeper:
         return now - max(rec.get("started_at") or 0, last_update)
 
     def _lost(self, now: float) -> list[str]:
-        """Running jobs whose whole worker is gone: their message goes back to the queue now."""
+        """Running jobs whose whole worker is gone: their message goes back to the queue.
+
+        Gone means: no heartbeat of the job and no record of its worker, in every sweep for
+        ``heartbeat_ttl`` seconds.  One look is not enough: after a Redis outage longer than the
+        TTL both keys have expired while the worker lives on, and it writes them again within
+        a heartbeat period; restoring its message then would start a second run."""
         if self.broker is None:
             return []
         restored = []
-        for raw in self.r.zrange(Keys.RUNNING, 0, -1):
-            job_id = raw.decode()
+        running = {raw.decode() for raw in self.r.zrange(Keys.RUNNING, 0, -1)}
+        self._lost_since = {j: t for j, t in self._lost_since.items() if j in running}
+        for job_id in running:
             rec = self.lc.record(job_id)
             if rec is None or self.r.exists(Keys.heartbeat(job_id)) or self.r.exists(Keys.worker(rec.get("worker"))):
+                self._lost_since.pop(job_id, None)
                 continue
-            if self._silent(job_id, rec, now) < self.settings.heartbeat_ttl:
+            ttl = self.settings.heartbeat_ttl
+            if now - self._lost_since.setdefault(job_id, now) < ttl or self._silent(job_id, rec, now) < ttl:
                 continue
+            self._lost_since.pop(job_id, None)
             if self.broker.restore_unacked(job_id):
                 log.warning("job %s: its worker %s is gone; its message is back at the head of the queue (it "
                             "resumes from its last checkpoint)", job_id, rec.get("worker"), extra={"job_id": job_id})
