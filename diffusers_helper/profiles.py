@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import speed as speed_options
 from .lora import LoraCache
 from .params import Variant
 from .speed import EAGER, Device, SpeedOptions
@@ -263,14 +264,12 @@ class Models:
     def set_speed(self, requested: SpeedOptions) -> SpeedOptions:
         """Resolve ``auto`` for this machine, check (``SpeedOptionError``), and apply to the
         transformers loaded so far (and to those loaded later)."""
-        from . import speed
-
         device = Device.of(self.placement)
-        resolved = speed.resolve(requested, device)
-        speed.check(resolved, device)
+        resolved = speed_options.resolve(requested, device)
+        speed_options.check(resolved, device)
         self.speed = resolved
         for t in self._transformers.values():
-            speed.apply(t, resolved)
+            speed_options.apply(t, resolved)
         return resolved
 
     def load_shared(self) -> dict[str, Any]:
@@ -328,9 +327,7 @@ class Models:
         t.eval().requires_grad_(False)
         if not self.placement.low_vram:
             t.to(self.placement.device)
-        from .speed import apply
-
-        apply(t, self.speed)
+        speed_options.apply(t, self.speed)
         self._transformers[variant] = t
         return t
 
