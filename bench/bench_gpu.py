@@ -54,31 +54,7 @@ from typing import Any
 
 import torch
 
-#: FramePack's transformer (facts, section 3): the config of lllyasviel/FramePackI2V_HY.
-FULL_TRANSFORMER: dict[str, Any] = dict(
-    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
-    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
-    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
-    rope_axes_dim=(16, 56, 56), image_condition_type=None, has_image_proj=True, image_proj_dim=1152,
-    has_clean_x_embedder=True,
-)  # fmt: skip
-#: hunyuanvideo-community/HunyuanVideo's text_encoder (a Llama-3-8B) and text_encoder_2
-#: (CLIP ViT-L/14 text); lllyasviel/flux_redux_bfl's image encoder (SigLIP so400m, 384 px).
-FULL_LLAMA = dict(vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                  rope_theta=500000.0)  # fmt: skip
-FULL_CLIP = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
-FULL_SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                   image_size=384, patch_size=14)  # fmt: skip
+from diffusers_helper.fullsize import build_full
 
 #: FramePack's README: RTX 4090 desktop, 2.5 s/frame unoptimised, 1.5 s/frame with TeaCache.
 FRAMEPACK_4090 = {"no_cache": 2.5, "teacache": 1.5}
@@ -103,64 +79,7 @@ LOW_RUNS = (
 )
 
 
-# -- building the models --------------------------------------------------------------------
-@contextmanager
-def _default(device: str, dtype: torch.dtype):
-    """Create parameters directly on ``device`` in ``dtype`` (13 B in fp32 on CPU: 52 GB)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_full(device: str, dtype: torch.dtype, component_dtype: torch.dtype) -> tuple[dict[str, Any], Any]:
-    """Every pipeline component at full size with random weights, as ``Models`` holds them."""
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler
-    from diffusers import HunyuanVideoFramepackTransformer3DModel as Transformer
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        LlamaConfig,
-        LlamaModel,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-    )
-
-    from diffusers_helper.tiny import clip_tokenizer, llama_tokenizer
-
-    llama_tok, clip_tok = llama_tokenizer(), clip_tokenizer()  # offline; ids fit the real vocabularies
-    torch.manual_seed(0)
-    with _default(device, component_dtype):
-        shared = dict(
-            text_encoder=LlamaModel(LlamaConfig(**FULL_LLAMA, pad_token_id=llama_tok.pad_token_id)),
-            tokenizer=llama_tok,
-            text_encoder_2=CLIPTextModel(
-                CLIPTextConfig(
-                    **FULL_CLIP,
-                    bos_token_id=clip_tok.bos_token_id,
-                    eos_token_id=clip_tok.eos_token_id,
-                    pad_token_id=clip_tok.pad_token_id,
-                )
-            ),  # fmt: skip
-            tokenizer_2=clip_tok,
-            vae=AutoencoderKLHunyuanVideo(),  # diffusers' defaults are HunyuanVideo's VAE
-            scheduler_config=FlowMatchEulerDiscreteScheduler(shift=7.0).config,
-            feature_extractor=SiglipImageProcessor(
-                size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-            ),  # fmt: skip
-            image_encoder=SiglipVisionModel(SiglipVisionConfig(**FULL_SIGLIP)),
-        )
-    with _default(device, dtype):
-        transformer = Transformer(**FULL_TRANSFORMER)
-    for name in ("text_encoder", "text_encoder_2", "vae", "image_encoder"):
-        shared[name].eval().requires_grad_(False)
-    return shared, transformer.eval().requires_grad_(False)
-
-
+# -- the models: diffusers_helper.fullsize (the random-full profile) builds them --------------
 def _params(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -7,7 +7,7 @@
 Why: what a FramePack service costs is GPU time, and the options of
 :mod:`diffusers_helper.speed` (compiled blocks, FP8 linears, the attention backend) and the
 per-job step caches each change it.  The models are FramePack's real architectures with
-random weights (``bench.bench_gpu.build_full``); every row runs through the worker's own
+random weights (``diffusers_helper.fullsize``); every row runs through the worker's own
 code (``Models``, ``speed.apply``, ``generate``, ``warm_up``) at the 640 bucket.
 
 Two kinds of row, in one run, side by side with eager bf16:
@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from bench import bench_gpu
-from bench.bench_gpu import PROMPT, SECONDS, STEPS, Budget, _sync, build_full, noise_image, phases
+from bench.bench_gpu import PROMPT, SECONDS, STEPS, Budget, _sync, noise_image, phases
+from diffusers_helper.fullsize import build_full
 
 #: An H200's dense bf16 peak as measured here (8192^3 matmul, docs/benchmarks.md): the ceiling.
 H200_BF16_TFLOPS = 790.0
@@ -212,6 +213,7 @@ def run(tiny_cpu: bool = False, budget_s: float = 420.0, json_out: str | None = 
     slow = ("flex", "_native_math") if cuda else ()
     order = ["native"] + [b for b in backends if b != "native" and b not in slow]
     for name in order if inputs else ():
+
         def eager_row(name: str = name) -> None:
             set_backend(name)
             step_row(f"eager, {name}", speed.SpeedOptions("off", "none", name))
@@ -263,6 +265,7 @@ def run(tiny_cpu: bool = False, budget_s: float = 420.0, json_out: str | None = 
 
     def job_need() -> float:
         return last_job_s[0] * 1.1
+
     if not jobs_only:
         phase("job: eager bf16 (reference)", job_need(), lambda: job_row("eager bf16", reference=True))
 
@@ -363,8 +366,10 @@ def _f(v: Any, spec: str = "") -> str:
 def markdown(result: dict[str, Any]) -> str:
     head = "### Speed options: compiled blocks, FP8, attention backends, step caches\n\n"
     if "skipped_all" in result:
-        return head + (f"Skipped: {result['skipped_all']}. Run `python -m bench.bench_speed` on a CUDA machine "
-                       "(`python -m bench.bench_speed --tiny-cpu` checks every row's code on CPU).\n")
+        return head + (
+            f"Skipped: {result['skipped_all']}. Run `python -m bench.bench_speed` on a CUDA machine "
+            "(`python -m bench.bench_speed --tiny-cpu` checks every row's code on CPU).\n"
+        )
     gpu = result.get("gpu")
     where = f"{gpu['name']} (compute capability {'.'.join(map(str, gpu['capability']))})" if gpu else "CPU"
     cmd = "python -m bench.bench_speed" + (" --tiny-cpu" if result.get("tiny_cpu") else "")
@@ -404,8 +409,11 @@ def markdown(result: dict[str, Any]) -> str:
                      f"cleared first: {result['warm_up_s']} s.\n")  # fmt: skip
     measured = result.get("measured")
     if measured:
-        lines.append(f"Measured on {measured['date']} on a lent GPU machine, not in this run: "
-                     + "; ".join(f"`{c}`" for c in measured["commands"]) + f" ({measured['note']}).\n")
+        lines.append(
+            f"Measured on {measured['date']} on a lent GPU machine, not in this run: "
+            + "; ".join(f"`{c}`" for c in measured["commands"])
+            + f" ({measured['note']}).\n"
+        )
         lines += ["What it found:\n", *[f"- {f}" for f in FINDINGS], ""]
     for s in result.get("skipped", []):
         lines.append(f"- skipped: {s}")

@@ -9,8 +9,11 @@ scheduler), the SigLIP image encoder and one FramePack transformer per variant.
   ``HF_HUB_OFFLINE=1`` on machines that must not download).
 - a directory path: a local copy laid out as ``base/``, ``image_encoder/``,
   ``framepack/`` and ``framepack-f1/``.
+- ``random-full``: FramePack's real architectures with random weights, built in memory on
+  the GPU (:mod:`diffusers_helper.fullsize`) for GPU machines without the hub: benchmarks
+  and the stack's GPU check.  Its videos are noise; it needs a CUDA GPU with ~80 GB.
 
-All three load through the same ``from_pretrained`` calls in :class:`Models`.
+The first three load through the same ``from_pretrained`` calls in :class:`Models`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import fullsize
 from . import speed as speed_options
 from .lora import LoraCache
 from .params import Variant
@@ -40,6 +44,8 @@ HF_TRANSFORMERS = {
 }
 #: The profile when none is named: tiny random weights (its videos are noise).
 DEFAULT_PROFILE = "tiny"
+#: FramePack's sizes with random weights, built in memory (GPU benchmarks without the hub).
+RANDOM_FULL = "random-full"
 #: Above this much free GPU memory everything stays on the GPU (FramePack's own rule).
 HIGH_VRAM_GB = 60.0
 
@@ -55,9 +61,11 @@ class Profile:
     image_encoder: str
     transformers: dict[Variant, str]
     default_resolution: int
-    #: True for the tiny profile: its videos are noise by design.
+    #: True for the tiny and random-full profiles: their videos are noise by design.
     is_noise: bool = False
     description: str = ""
+    #: Built in memory with random weights (random-full) instead of ``from_pretrained``.
+    in_memory: bool = False
 
     def public_dict(self) -> dict[str, Any]:
         return {
@@ -104,9 +112,20 @@ def resolve_profile(spec: str = DEFAULT_PROFILE, cache_dir: str | Path | None = 
             default_resolution=640,
             description="real FramePack weights from the Hugging Face cache",
         )
+    if spec == RANDOM_FULL:
+        return Profile(
+            name=RANDOM_FULL,
+            base="(random)",
+            image_encoder="(random)",
+            transformers={v: "(random)" for v in Variant},
+            default_resolution=640,
+            is_noise=True,
+            description="full-size architectures with random weights built on the GPU: the videos are noise",
+            in_memory=True,
+        )
     if Path(spec).expanduser().is_dir():
         return local_profile(spec)
-    raise ValueError(f"unknown model profile {spec!r}: use 'tiny', 'hf' or an existing directory")
+    raise ValueError(f"unknown model profile {spec!r}: use 'tiny', 'hf', '{RANDOM_FULL}' or an existing directory")
 
 
 def _allow_download() -> bool:
@@ -288,6 +307,9 @@ class Models:
         _quiet_loading()
         p, dt = self.profile, self.placement.component_dtype
         log.info("loading shared components of profile %s (%s)", p.name, p.description)
+        if p.in_memory:
+            self._shared = self._build_in_memory(lambda device: fullsize.build_shared(device, dt))
+            return self._shared
         shared = dict(
             text_encoder=_load(LlamaModel, p.base, "text_encoder", torch_dtype=dt),
             tokenizer=_load(LlamaTokenizerFast, p.base, "tokenizer"),
@@ -319,17 +341,28 @@ class Models:
 
             torch.cuda.empty_cache()
         log.info("loading transformer %s from %s", variant.value, self.profile.transformers[variant])
-        t = _load(
-            HunyuanVideoFramepackTransformer3DModel,
-            self.profile.transformers[variant],
-            torch_dtype=self.placement.dtype,
-        )
-        t.eval().requires_grad_(False)
+        if self.profile.in_memory:
+            t = self._build_in_memory(lambda device: fullsize.build_transformer(device, self.placement.dtype))
+        else:
+            t = _load(
+                HunyuanVideoFramepackTransformer3DModel,
+                self.profile.transformers[variant],
+                torch_dtype=self.placement.dtype,
+            )
+            t.eval().requires_grad_(False)
         if not self.placement.low_vram:
             t.to(self.placement.device)
         speed_options.apply(t, self.speed)
         self._transformers[variant] = t
         return t
+
+    def _build_in_memory(self, build: Any) -> Any:
+        """Random-full components are built where they run: on the GPU (on the CPU in fp32
+        the transformer alone would take 52 GB), or on the CPU first in low-VRAM mode."""
+        if self.placement.device != "cuda":
+            raise ModelNotFoundError(f"the {RANDOM_FULL} profile needs a CUDA GPU (~80 GB); this worker runs on "
+                                     f"the {self.placement.device}: use the tiny profile here")  # fmt: skip
+        return build("cpu" if self.placement.low_vram else "cuda")
 
     @property
     def loaded_variants(self) -> list[str]:

@@ -87,6 +87,8 @@ class WorkerState:
         self.warming = False
         #: The speed options the models run with and the warm-up's seconds (None before the load).
         self.speed: dict[str, Any] | None = None
+        #: The CUDA device the models run on, as the driver names it (None on a CPU worker).
+        self.gpu_name: str | None = None
         self.current_job: str | None = None
         self.pool = "prefork"
         self.node: str | None = None  # the Celery worker's hostname (what `celery inspect` names)
@@ -143,6 +145,7 @@ class WorkerState:
             "profile": models.profile.public_dict() if models else None,
             "device": models.placement.device if models else None,
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpu_name": self.gpu_name,
             "metrics_port": self.settings.worker_metrics_port if self.metrics_served else None,
             "loaded_variants": models.loaded_variants if models else [],
             "job": self.current_job,
@@ -176,6 +179,8 @@ def load_models() -> Any:
         profile = resolve_profile(STATE.settings.profile)
         log.warning("framepack worker: profile %s — %s", profile.name, profile.description)
         models = Models(profile)
+        if models.placement.device == "cuda":  # in the pool child: CUDA starts after the fork
+            STATE.gpu_name = torch.cuda.get_device_name()
         models.mag_ratios = _mag_ratios(STATE.settings.mag_ratios_file)
         models.load_shared()
         models.transformer(Variant.FRAMEPACK)
