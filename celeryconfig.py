@@ -50,7 +50,7 @@ broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # a broker restart costs a reconnect, never the worker
 
 # Celery's own result writes retry briefly: progress written during a Redis outage is
-# skipped by the task (tasks/worker.py) instead of stalling sampling; finals are written
+# skipped by the task (tasks/job.py) instead of stalling sampling; finals are written
 # by the lifecycle, which retries for FRAMEPACK_FINAL_RETRY_SECONDS.
 result_backend_transport_options = {
     "retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}

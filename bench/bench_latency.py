@@ -130,7 +130,7 @@ def _publish(stack: BenchStack, job_id: str, updates: int, rate: float) -> list[
     """Play a worker: ``updates`` progress updates, each with a fresh 640-bucket preview."""
     from diffusers_helper import events as ev
     from diffusers_helper.preview import LatentToRGB, make_preview
-    from tasks.app import make_celery
+    from tasks.celery_app import make_celery
     from tasks.lifecycle import Lifecycle
     from tasks.reporter import Reporter
     from tasks.settings import Settings

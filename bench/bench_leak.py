@@ -6,7 +6,7 @@ Why: with a result backend configured, Celery's Redis backend subscribes the *di
 process to ``celery-task-meta-<id>`` for every task it sends and never unsubscribes
 (celery #6963), so a web tier that dispatches with it grows one subscription, and some
 memory, per job, forever.  Ours dispatches with a backend-less client
-(:mod:`tasks.app`), and this benchmark holds it to that.
+(:mod:`tasks.celery_app`), and this benchmark holds it to that.
 
 No worker runs: jobs stay queued, which is fine because the leak under test is on the
 sending side.  After a few warm-up submissions (imports, connection pools, first-request

@@ -90,7 +90,7 @@ def bench_update_state(repeat: int = 100) -> list[dict]:
     import tempfile
 
     from stack import Valkey
-    from tasks.app import make_celery
+    from tasks.celery_app import make_celery
     from tasks.protocol import JobState, make_meta, preview_field
 
     mapper = LatentToRGB(16)

@@ -27,6 +27,7 @@ numbers say nothing about a GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -226,7 +227,8 @@ def run_stack(profile: str, jobs: list[str], seconds: float, steps: int, gpu: bo
         out["gpu_memory_mb"]["after_jobs"] = gpu_memory_used_mb()
         out["metrics"] = metrics_lines(base)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops `make run`
+        with contextlib.suppress(ProcessLookupError):  # (a launcher that failed has exited)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops `make run`
         try:
             out["launcher_exit"] = proc.wait(60)
         except subprocess.TimeoutExpired:

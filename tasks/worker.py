@@ -1,29 +1,21 @@
-"""The ``tasks.generate_video`` task and the worker process's life (models, heartbeat).
+"""The worker process: its models, heartbeat, metrics, logs and Celery's signals.
 
 A pool child loads its profile once, after the fork (CUDA cannot cross a fork), announces
-in Redis which profile and device it serves, and keeps a heartbeat for itself and for the
-job it runs.  The task asks :class:`tasks.lifecycle.Lifecycle` whether the job runs, turns
-generation events into ``update_state`` calls (:class:`Reporter`, following
-:mod:`tasks.protocol`) and ends the job through the lifecycle.  Celery stores nothing of
-this task itself (``ignore_result``): every result document is the lifecycle's.
+in Redis which profile and device it serves (the heartbeat, ``fp:worker:<name>``), and
+keeps a heartbeat for the job it runs.  Explicit speed options are checked before the pool
+forks, in a subprocess; compiled models are warmed up before the worker says ready.  Each
+worker process serves its own Prometheus metrics (:mod:`tasks.metrics`,
+``FRAMEPACK_WORKER_METRICS_PORT``) and, with ``LOG_FORMAT=json``, logs one JSON object per
+line (:mod:`tasks.logs`).  The job itself runs in :mod:`tasks.job`.
 
-Results go to the results store (:mod:`tasks.results`): a local directory, or a bucket
-the :class:`tasks.uploader.Uploader` fills as the files are written.  Each worker process
-serves its own Prometheus metrics (:mod:`tasks.metrics`, ``FRAMEPACK_WORKER_METRICS_PORT``)
-and, with ``LOG_FORMAT=json``, logs one JSON object per line (:mod:`tasks.logs`).
-
-Redis outages: sampling never waits on Redis (:mod:`tasks.reporter` writes updates from
-its own thread, latest progress wins), the cancel check treats an unreachable Redis as
-"not cancelled", and the job's end is retried until Redis answers
-(``FRAMEPACK_FINAL_RETRY_SECONDS``).
-
-The same package runs the ``webhooks`` queue's worker (:mod:`tasks.webhooks`); a worker that
-does not consume ``gpu`` loads no model and publishes no heartbeat.
+The state (:func:`state`) is built on first use, when the worker starts: importing this
+module reads no environment.  The same package runs the ``webhooks`` queue's worker
+(:mod:`tasks.webhooks`); a worker that does not consume ``gpu`` loads no model and
+publishes no heartbeat.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -33,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import Task, shared_task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
@@ -52,23 +44,15 @@ from . import settings as settings_module
 from . import webhooks
 from .lifecycle import Lifecycle, holder_is_dead, worker_name
 from .logs import configure as configure_logs
-from .logs import job_context, use_json
-from .metrics import WorkerMetrics, chain, serve
+from .logs import use_json
+from .metrics import WorkerMetrics, serve
 from .protocol import (
-    CHECKPOINT_FILE,
-    INPUT_FILE,
     QUEUE,
-    TASK_NAME,
-    TERMINAL,
     JobState,
     Keys,
     Reason,
-    flower_event,
-    result_text,
 )
-from .reporter import Reporter
-from .results import ResultsStore, StoreUnavailable, open_store
-from .uploader import Uploader
+from .results import ResultsStore, open_store
 
 log = logging.getLogger("framepack.worker")
 
@@ -154,7 +138,16 @@ class WorkerState:
         }
 
 
-STATE = WorkerState()
+_state: WorkerState | None = None
+
+
+def state() -> WorkerState:
+    """This worker process's state, built on first use (when the worker starts: Celery's
+    first signal), never at import: importing this module reads no environment."""
+    global _state
+    if _state is None:
+        _state = WorkerState()
+    return _state
 
 
 # -- worker life ------------------------------------------------------------------------
@@ -164,35 +157,35 @@ def load_models() -> Any:
     Every import of the generation code happens here, under the lock: a task that arrives
     while the background load runs waits for it instead of importing diffusers at the same
     time (diffusers' lazy modules are not safe to import from two threads at once)."""
-    with STATE.lock:
-        if STATE.models is not None:
-            return STATE.models
+    with state().lock:
+        if state().models is not None:
+            return state().models
         import torch
 
         import diffusers_helper.generate  # noqa: F401  (the task's imports, done once, here)
         from diffusers_helper.params import Variant
         from diffusers_helper.profiles import Models, resolve_profile
 
-        if STATE.settings.torch_threads:
-            torch.set_num_threads(STATE.settings.torch_threads)
+        if state().settings.torch_threads:
+            torch.set_num_threads(state().settings.torch_threads)
         t = time.perf_counter()
-        profile = resolve_profile(STATE.settings.profile)
+        profile = resolve_profile(state().settings.profile)
         log.warning("framepack worker: profile %s — %s", profile.name, profile.description)
         models = Models(profile)
         if models.placement.device == "cuda":  # in the pool child: CUDA starts after the fork
-            STATE.gpu_name = torch.cuda.get_device_name()
-        models.mag_ratios = _mag_ratios(STATE.settings.mag_ratios_file)
+            state().gpu_name = torch.cuda.get_device_name()
+        models.mag_ratios = _mag_ratios(state().settings.mag_ratios_file)
         models.load_shared()
         models.transformer(Variant.FRAMEPACK)
-        STATE.metrics.model_load_seconds.observe(time.perf_counter() - t)
-        options = models.set_speed(STATE.settings.speed)
-        STATE.speed = {**options.public_dict(), "warm_up_seconds": None}
-        STATE.metrics.speed.info(options.public_dict())
+        state().metrics.model_load_seconds.observe(time.perf_counter() - t)
+        options = models.set_speed(state().settings.speed)
+        state().speed = {**options.public_dict(), "warm_up_seconds": None}
+        state().metrics.speed.info(options.public_dict())
         if options != EAGER:  # compiled or quantized: the first job must not pay for it
             _warm_up(models, Variant.FRAMEPACK)
-        STATE.metrics.ready.set(1)
-        STATE.models = models
-        STATE.load_error = None
+        state().metrics.ready.set(1)
+        state().models = models
+        state().load_error = None
     _start_heartbeat()
     return models
 
@@ -205,7 +198,7 @@ def _warm_up(models: Any, variant: Any) -> None:
 
     from diffusers_helper.generate import warm_up
 
-    STATE.warming = True
+    state().warming = True
     _start_heartbeat()
     directory = Path(tempfile.mkdtemp(prefix="framepack-warm-up-"))
     try:
@@ -213,9 +206,9 @@ def _warm_up(models: Any, variant: Any) -> None:
         seconds = warm_up(models, variant, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-        STATE.warming = False
-    STATE.speed = {**models.speed.public_dict(), "warm_up_seconds": round(seconds, 1)}
-    STATE.metrics.warm_up_seconds.set(seconds)
+        state().warming = False
+    state().speed = {**models.speed.public_dict(), "warm_up_seconds": round(seconds, 1)}
+    state().metrics.warm_up_seconds.set(seconds)
     log.warning("framepack worker: warmed up in %.1f s", seconds)
 
 
@@ -251,18 +244,18 @@ def check_speed_options(settings: Any) -> dict[str, Any] | None:
 
 
 def publish_heartbeat() -> None:
-    p = STATE.redis.pipeline(transaction=False)
-    p.set(Keys.worker(worker_name()), json.dumps(STATE.record()), ex=STATE.settings.heartbeat_ttl)
+    p = state().redis.pipeline(transaction=False)
+    p.set(Keys.worker(worker_name()), json.dumps(state().record()), ex=state().settings.heartbeat_ttl)
     p.zadd(Keys.WORKERS, {worker_name(): time.time()})
-    if STATE.current_job:
-        p.set(Keys.heartbeat(STATE.current_job), worker_name(), ex=STATE.settings.heartbeat_ttl)
+    if state().current_job:
+        p.set(Keys.heartbeat(state().current_job), worker_name(), ex=state().settings.heartbeat_ttl)
     p.execute()
 
 
 def forget_dead_siblings() -> list[str]:
     """Drop the records of this host's worker processes that no longer exist (a pool child
     killed and replaced), so ``/readyz`` and ``/api/info`` count live workers only."""
-    r = STATE.redis
+    r = state().redis
     dead = [name for name in (m.decode() for m in r.zrange(Keys.WORKERS, 0, -1)) if holder_is_dead(name)]
     if dead:
         p = r.pipeline(transaction=False)
@@ -273,7 +266,7 @@ def forget_dead_siblings() -> list[str]:
 
 
 def _start_heartbeat() -> None:
-    if STATE._heartbeat is not None:
+    if state()._heartbeat is not None:
         return
 
     def beat() -> None:
@@ -281,12 +274,12 @@ def _start_heartbeat() -> None:
             try:
                 publish_heartbeat()
             except redis.RedisError as exc:  # keep beating through a Redis outage
-                STATE.metrics.redis_errors.labels("heartbeat").inc()
+                state().metrics.redis_errors.labels("heartbeat").inc()
                 log.warning("heartbeat failed: %s", exc)
-            time.sleep(STATE.settings.heartbeat_seconds)
+            time.sleep(state().settings.heartbeat_seconds)
 
-    STATE._heartbeat = threading.Thread(target=beat, name="framepack-heartbeat", daemon=True)
-    STATE._heartbeat.start()
+    state()._heartbeat = threading.Thread(target=beat, name="framepack-heartbeat", daemon=True)
+    state()._heartbeat.start()
 
 
 def _load_or_report() -> None:
@@ -295,16 +288,16 @@ def _load_or_report() -> None:
     try:
         load_models()
     except Exception as exc:  # noqa: BLE001
-        STATE.load_error = readable(exc)
-        log.error("framepack worker cannot load its model: %s", STATE.load_error)
+        state().load_error = readable(exc)
+        log.error("framepack worker cannot load its model: %s", state().load_error)
     _start_heartbeat()
 
 
 def _serve_metrics() -> None:
     """The worker's Prometheus endpoint, in the process that runs the jobs."""
-    port = STATE.settings.worker_metrics_port
-    if port and not STATE.metrics_served:
-        STATE.metrics_served = serve(STATE.metrics.registry, port, STATE.settings.worker_metrics_addr)
+    port = state().settings.worker_metrics_port
+    if port and not state().metrics_served:
+        state().metrics_served = serve(state().metrics.registry, port, state().settings.worker_metrics_addr)
 
 
 @worker_process_init.connect
@@ -312,8 +305,8 @@ def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
     """Load in the background: the pool kills a child that has not said it is up within
     ``worker_proc_alive_timeout`` seconds, and real weights take minutes to load.  Until
     then the heartbeat says ``ready: false``; a task that arrives first waits for the load."""
-    STATE.after_fork()
-    if not STATE.runs_jobs:
+    state().after_fork()
+    if not state().runs_jobs:
         return
     _serve_metrics()
     try:
@@ -326,15 +319,15 @@ def _on_process_init(**_: Any) -> None:  # prefork child: load after the fork
 
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    STATE.pool = str(getattr(sender, "pool_cls", "")).lower()
-    STATE.node = getattr(sender, "hostname", None)
+    state().pool = str(getattr(sender, "pool_cls", "")).lower()
+    state().node = getattr(sender, "hostname", None)
     queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
     consumed = getattr(queues, "consume_from", None)
-    STATE.runs_jobs = consumed is None or QUEUE in consumed
-    if STATE.runs_jobs:
-        check_speed_options(STATE.settings)
-    if STATE.runs_jobs and STATE.settings.worker_nice > 0:
-        _lower_priority(min(19, STATE.settings.worker_nice))
+    state().runs_jobs = consumed is None or QUEUE in consumed
+    if state().runs_jobs:
+        check_speed_options(state().settings)
+    if state().runs_jobs and state().settings.worker_nice > 0:
+        _lower_priority(min(19, state().settings.worker_nice))
 
 
 def _lower_priority(nice: int) -> None:
@@ -362,7 +355,7 @@ def _lower_priority(nice: int) -> None:
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:  # solo/threads pools run tasks in this very process
     _quiet_term_handler()
-    if "prefork" not in STATE.pool and STATE.runs_jobs:
+    if "prefork" not in state().pool and state().runs_jobs:
         _serve_metrics()
         _load_or_report()
 
@@ -372,13 +365,13 @@ def _on_celeryd_init(instance: Any = None, **_: Any) -> None:
     """``LOG_FORMAT=json`` from the first line: no banner ("celery@host ready." is logged
     instead), warnings (Celery's "running as root") as log records, JSON until Celery sets
     up its own handlers (which :func:`_on_setup_logger` turns JSON too)."""
-    if STATE.settings.log_format != "json":
+    if state().settings.log_format != "json":
         return
     if instance is not None:
         instance.quiet = True
-        STATE.celeryd = instance
+        state().celeryd = instance
     logging.captureWarnings(True)
-    configure_logs("json", STATE.settings.log_level)
+    configure_logs("json", state().settings.log_level)
 
 
 def _quiet_term_handler() -> None:
@@ -387,13 +380,13 @@ def _quiet_term_handler() -> None:
     :func:`_on_shutting_down` logs it as JSON."""
     from celery.apps import worker as celery_worker
 
-    if STATE.settings.log_format == "json" and STATE.celeryd is not None:
-        celery_worker.install_worker_term_handler(STATE.celeryd, verbose=False)
+    if state().settings.log_format == "json" and state().celeryd is not None:
+        celery_worker.install_worker_term_handler(state().celeryd, verbose=False)
 
 
 @worker_shutting_down.connect
 def _on_shutting_down(sig: Any = None, how: str = "", **_: Any) -> None:
-    if STATE.settings.log_format == "json":
+    if state().settings.log_format == "json":
         log.warning("worker: %s shutdown (%s)", how, sig)
 
 
@@ -401,7 +394,7 @@ def _on_shutting_down(sig: Any = None, how: str = "", **_: Any) -> None:
 @after_setup_task_logger.connect
 def _on_setup_logger(logger: logging.Logger | None = None, **_: Any) -> None:
     """``LOG_FORMAT=json``: Celery's handlers (and what it redirects from stdout) write JSON."""
-    if STATE.settings.log_format == "json" and logger is not None:
+    if state().settings.log_format == "json" and logger is not None:
         use_json([logger])
 
 
@@ -427,19 +420,9 @@ def _on_revoked(request: Any = None, terminated: bool = False, signum: Any = Non
         with current_app.events.default_dispatcher(hostname=getattr(request, "hostname", None)) as dispatcher:
             dispatcher.send(event, uuid=job_id, **fields)
 
-    lc = Lifecycle(STATE.redis, STATE.settings, announce, webhooks.dispatcher(current_app))
+    lc = Lifecycle(state().redis, state().settings, announce, webhooks.dispatcher(current_app))
     lc.request_cancel(job_id)  # a redelivered copy never runs
     lc.finish_patiently(job_id, JobState.CANCELLED, reason=reason)
-
-
-def _open_image(data: bytes | None, what: str) -> Any:
-    from PIL import Image
-
-    if data is None:
-        raise ValueError(f"{what} is missing (expired or never stored)")
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img
 
 
 def readable(exc: BaseException) -> str:
@@ -449,140 +432,3 @@ def readable(exc: BaseException) -> str:
     if isinstance(exc, SoftTimeLimitExceeded):
         return "time limit exceeded"
     return f"{name}: {exc}" if str(exc) else name
-
-
-def _cancel_check(job_id: str) -> Any:
-    """The per-step cancel check: an unreachable Redis means "not cancelled" (the job goes
-    on through an outage; a cancel sent meanwhile is seen once Redis is back)."""
-
-    def cancelled() -> bool:
-        try:
-            return bool(STATE.quick.exists(Keys.cancel(job_id)))
-        except redis.RedisError:
-            STATE.metrics.redis_errors.labels("cancel_check").inc()
-            return False
-
-    return cancelled
-
-
-@shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
-    """Run one job.  Returns the short summary Flower shows; the full final meta is the
-    lifecycle's result document."""
-    with job_context(job_id):
-        return _deliver(self, job_id, params)
-
-
-def _deliver(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
-    lc = STATE.lifecycle(self)
-    start = lc.start(job_id, worker_name())
-    if start.verdict == "ended" and start.record and JobState(start.record["state"]) in TERMINAL:
-        # Ended before it could run (cancelled while queued, revoked, purged, delivered
-        # too often): Flower saw Celery's task-started for this delivery, so it hears the end.
-        event, fields = flower_event(JobState(start.record["state"]), start.record)
-        self.send_event(event, **fields)
-    if not start.runs:
-        if start.verdict == "duplicate":
-            log.warning("job %s is running on %s: this delivery is dropped", job_id, start.record.get("worker"))
-        raise Ignore()
-    record = start.record or {}
-    raw = lc.r.get(Keys.celery_meta(job_id))
-    previous = ((json.loads(raw) if raw else {}).get("result") or {}) if start.attempts > 1 else {}
-    last_seq = max(record.get("seq", 0), int(previous.get("seq") or 0))
-    reporter = Reporter(self, job_id, lc, record.get("started_at") or time.time(), last_seq,
-                        attempts=start.attempts, hostname=self.request.hostname,
-                        progress_interval=STATE.settings.progress_interval, record=record,
-                        sections_done=previous.get("sections_done") or [],
-                        on_drop=STATE.metrics.redis_errors.labels("update").inc)  # fmt: skip
-    uploader = Uploader(STATE.store, job_id, reporter.on_event, STATE.metrics)
-    STATE.current_job = job_id
-    STATE.metrics.busy.set(1)
-    began = time.monotonic()
-    outcome = JobState.FAILED
-    log.info("job %s runs on %s (delivery %d)", job_id, worker_name(), start.attempts)
-    try:
-        outcome, text = _run(reporter, uploader, lc, job_id, params, record.get("extends"))
-    finally:
-        reporter.close()
-        uploader.release()
-        STATE.current_job = None
-        STATE.metrics.busy.set(0)
-        STATE.metrics.jobs.labels(outcome.value).inc()
-        STATE.metrics.job_seconds.labels(outcome.value).observe(time.monotonic() - began)
-        log.info("job %s %s in %.1f s", job_id, outcome.value, time.monotonic() - began)
-    if text is None:  # ended other than by succeeding: the lifecycle wrote (and announced) the end
-        raise Ignore()
-    return text
-
-
-def _run(reporter: Reporter, uploader: Uploader, lc: Lifecycle, job_id: str, params: dict[str, Any],
-         extends: str | None) -> tuple[JobState, str | None]:  # fmt: skip
-    """Generate, store the files, end the job.  Returns how it ended and, for a success,
-    Flower's summary (Celery announces task-succeeded with it)."""
-    out_dir = uploader.directory
-    try:
-        models = load_models()  # first: waits for a background load still running
-        from diffusers_helper.generate import OutputLayout, generate
-        from diffusers_helper.params import JobParams
-
-        job = JobParams.model_validate(params)
-        image_bytes, end_bytes = lc.r.get(Keys.input(job_id)), lc.r.get(Keys.end_image(job_id))
-        image = _open_image(image_bytes, "input image")
-        end_image = _open_image(end_bytes, "end image") if end_bytes is not None else None
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / INPUT_FILE).write_bytes(image_bytes)
-        uploader.publish(out_dir / INPUT_FILE)
-        output = OutputLayout(out_dir, "video")
-        if not output.checkpoint.is_file():  # redelivered to another host: its last checkpoint is in the store
-            STATE.store.local_copy(job_id, CHECKPOINT_FILE, output.checkpoint)
-        extend_from = None
-        if extends:  # the job it continues: that job's last checkpoint (a download from a bucket)
-            extend_from = STATE.store.local_copy(extends, CHECKPOINT_FILE, out_dir / f".extends-{CHECKPOINT_FILE}")
-            if extend_from is None:
-                raise ValueError(f"extend: job {extends} has no section checkpoint any more (expired or deleted)")
-        result = generate(
-            job, image, chain(STATE.metrics.timer().on_event, uploader.on_event), _cancel_check(job_id),
-            models=models, output=output, end_image=end_image, lora_dir=STATE.settings.lora_dir,
-            resume=True,  # a redelivered job goes on after its last section
-            extend_from=extend_from,
-        )  # fmt: skip
-        uploader.finish()  # every file stored before the end is announced
-    except Exception as exc:  # noqa: BLE001 — every failure becomes a readable final state
-        log.exception("job %s failed", job_id)
-        if not isinstance(exc, StoreUnavailable):
-            try:
-                uploader.finish()  # the sections written before the failure stay downloadable
-            except StoreUnavailable as store_exc:
-                log.warning("job %s: %s", job_id, store_exc)
-        lc.finish_patiently(job_id, JobState.FAILED, error=readable(exc), fields=reporter.close())
-        return JobState.FAILED, None
-
-    summary = {
-        "video": result.video.name if result.video else None,
-        "frames": result.frames,
-        "seconds": round(result.seconds, 3),
-        "seed": result.seed,
-        "width": result.width,
-        "height": result.height,
-        "sections": result.sections,
-        "timings": result.timings,
-        "cache_skipped_steps": result.cache_skipped_steps,
-        "cache": {"mode": result.cache_mode, "threshold": result.cache_threshold,
-                  "transformer_calls": result.transformer_calls, "skipped": result.cache_skipped_steps},
-        "speed": result.speed,
-        "profile": models.profile.name,
-        "loras": result.loras,
-        "resumed_from_section": result.resumed_from_section,
-        "extends": extends,
-        "extended_sections": result.extended_sections,
-    }
-    if result.status == "cancelled":
-        lc.finish_patiently(job_id, JobState.CANCELLED, reason=Reason.CANCELLED, result=summary,
-                            fields=reporter.close())  # fmt: skip
-        return JobState.CANCELLED, None
-    meta = lc.finish_patiently(job_id, JobState.SUCCEEDED, result=summary, fields=reporter.close(),
-                               announce=False)  # fmt: skip
-    if meta is None:  # ended meanwhile (a stalled job the sweep failed): that verdict stays
-        record = lc.record(job_id) or {}
-        return JobState(record.get("state") or JobState.FAILED.value), None
-    return JobState.SUCCEEDED, result_text(meta)

@@ -170,7 +170,7 @@ def test_reading_a_stalled_job_changes_nothing_the_sweep_ends_it(lc, r, settings
 
 
 def test_the_sweep_cancels_jobs_purged_from_the_broker(lc, r, settings, monkeypatch):
-    from tasks.app import make_celery
+    from tasks.celery_app import make_celery
     from tasks.protocol import QUEUE, TASK_NAME
 
     celery = make_celery(client=True)

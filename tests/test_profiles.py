@@ -108,3 +108,17 @@ def test_missing_model_names_the_repo_and_how_to_download(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert HF_BASE in proc.stderr and f"hf download {HF_BASE}" in proc.stderr
+
+
+def test_random_full_profile_is_noise_and_refused_on_a_cpu_with_one_line():
+    import torch
+
+    from diffusers_helper.profiles import RANDOM_FULL, ModelNotFoundError, Placement
+
+    profile = resolve_profile(RANDOM_FULL)
+    assert profile.in_memory and profile.is_noise and profile.default_resolution == 640
+    models = Models(profile, Placement("cpu", torch.float32, torch.float32))
+    with pytest.raises(ModelNotFoundError, match="needs a CUDA GPU.*use the tiny profile here"):
+        models.load_shared()
+    with pytest.raises(ModelNotFoundError, match="needs a CUDA GPU"):
+        models.transformer(Variant.FRAMEPACK)

@@ -22,7 +22,7 @@ from celery import Celery
 
 from diffusers_helper.params import ExtendParams, JobParams
 from tasks import webhooks
-from tasks.app import make_celery
+from tasks.celery_app import make_celery
 from tasks.lifecycle import Lifecycle, QueueFull, decode_record, new_job_id
 from tasks.metrics import ClusterCollector
 from tasks.protocol import (
@@ -63,7 +63,7 @@ class Service:
         self.hub = JobHub(
             settings.store_url, decorate, poll_interval, metrics=self.metrics, capacity=settings.watcher_capacity
         )
-        self.celery = celery or make_celery(client=True)
+        self.celery = celery or make_celery(settings, client=True)
         self.store: ResultsStore = open_store(settings)
         self.lifecycle = Lifecycle(self.redis, settings, self._announce, webhooks.dispatcher(self.celery))
         nodes = lambda: {w["node"] for w in self.workers() if w.get("node")}  # noqa: E731
