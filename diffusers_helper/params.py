@@ -25,6 +25,7 @@ __all__ = [
     "PromptSpan",
     "ValidationError",
     "Variant",
+    "bounds",
     "field_errors",
     "random_seed",
 ]
@@ -280,3 +281,15 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
             msg = msg.strip()
         out.append({"field": loc or "body", "message": msg})
     return out
+
+
+def bounds(model: type[BaseModel], name: str) -> tuple[float, float]:
+    """A field's inclusive range as its schema declares it (``ge``/``le``): for callers that
+    clamp into it (the original API) instead of refusing, so the numbers live here only."""
+    low = high = None
+    for constraint in model.model_fields[name].metadata:
+        low = getattr(constraint, "ge", low)
+        high = getattr(constraint, "le", high)
+    if low is None or high is None:
+        raise ValueError(f"{model.__name__}.{name} declares no ge/le range")
+    return low, high

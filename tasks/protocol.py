@@ -51,8 +51,8 @@ STATE_TO_CELERY: dict[JobState, str] = {
     JobState.FAILED: "FAILURE",
     JobState.CANCELLED: "REVOKED",
 }
-#: The original FramePack API's words, derived from the same states.
-LEGACY_STATUS: dict[JobState, str] = {
+#: The original FramePack API's words for the same states (``failed`` gets `` - <why>``).
+ORIGINAL_STATUS: dict[JobState, str] = {
     JobState.QUEUED: "pending",
     JobState.RUNNING: "processing",
     JobState.SUCCEEDED: "completed",

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .protocol import LEGACY_STATUS, TERMINAL, JobState
+from .protocol import ORIGINAL_STATUS, TERMINAL, JobState
 
 
 class Links(BaseModel):
@@ -193,7 +193,7 @@ def build_view(
     view = {
         "id": job_id,
         "state": state.value,
-        "status": LEGACY_STATUS[state],
+        "status": ORIGINAL_STATUS[state],
         "position": position if state is JobState.QUEUED else None,
         "stalled": stalled,
         "seq": max(meta.get("seq", 0), record.get("seq", 0)),

@@ -42,7 +42,7 @@ include-path = "/api/jobs/{job_id}/events"
 max-stream-events = 1
 
 # the new-videos stream never ends and, with no worker, carries only keep-alive comments
-# (no event to stop after): tests/test_compat.py reads it against a real worker instead
+# (no event to stop after): tests/test_original_api.py reads it against a real worker instead
 [[operations]]
 include-path = "/video_stream"
 enabled = false

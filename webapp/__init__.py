@@ -21,7 +21,7 @@ from diffusers_helper import lora_files
 from tasks import logs
 from tasks import settings as settings_module
 
-from . import api, auth, compat, errors, metrics, openapi, ws
+from . import api, auth, errors, metrics, openapi, original, ws
 from .bodyguard import BodyGuard
 from .service import Service
 
@@ -63,7 +63,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     toks = auth.init_app(app, s.api_tokens)
     app.register_blueprint(api.bp)
-    app.register_blueprint(compat.bp)
+    app.register_blueprint(original.bp)
     app.register_blueprint(metrics.bp)
     ws.init_app(app)
 

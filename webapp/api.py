@@ -23,11 +23,11 @@ from tasks.lifecycle import QueueFull
 from tasks.protocol import INPUT_FILE, TERMINAL, JobState
 from tasks.webhooks import WebhookRefused, WebhookSpec, check_url
 
-from . import files, sse
+from . import sse
 from .auth import Principal, principal, tokens
 from .errors import ApiError, from_image, from_validation, not_found
+from .jobs import queue_refusal, serve_file, service, visible_owner, visible_view
 from .offload import off_loop
-from .service import Service
 from .uploads import ImageError, decode_base64, normalise
 
 bp = Blueprint("api", __name__)
@@ -35,20 +35,8 @@ bp = Blueprint("api", __name__)
 #: Paging bounds of GET /api/jobs.
 MAX_LIMIT = 200
 MAX_OFFSET = 2**31 - 1
-#: Retry-After (seconds) of a submit refused by a queue limit: about when a place may free up.
-QUEUE_RETRY_AFTER = 30
 #: Submission fields beside the FramePack parameters (:class:`tasks.webhooks.WebhookSpec`).
 WEBHOOK_FIELDS = tuple(WebhookSpec.model_fields)
-
-
-def service() -> Service:
-    return current_app.extensions["framepack"]
-
-
-def visible_owner(who: Principal | None = None) -> str | None:
-    """The owner whose jobs a listing shows the caller: its own, or None (all) for admins."""
-    who = who or principal()
-    return None if who.admin else who.name
 
 
 def parse_webhook(fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -213,8 +201,8 @@ def queue_errors() -> Iterator[None]:
     try:
         yield
     except QueueFull as exc:
-        status = 429 if exc.scope == "token" else 503
-        raise ApiError(status, str(exc), "queue", headers={"Retry-After": str(QUEUE_RETRY_AFTER)}) from None
+        status, headers = queue_refusal(exc)
+        raise ApiError(status, str(exc), "queue", headers=headers) from None
     except ApiError:
         raise
     except Exception as exc:  # noqa: BLE001 — the broker is down: say so, store nothing
@@ -262,8 +250,8 @@ def list_jobs() -> Response:
 
 def view_or_404(job_id: str) -> dict[str, Any]:
     """The job's snapshot, if it exists and the caller may see it (else 404 either way)."""
-    view = service().view(job_id)
-    if view is None or not principal().may_see(view.get("owner")):
+    view = visible_view(job_id)
+    if view is None:
         raise not_found()
     return view
 
@@ -327,12 +315,9 @@ def delete_job(job_id: str) -> Response:
 
 
 def _file(job_id: str, name: str | None, field: str) -> Response:
-    """A result file with Range, from the results store (a 302 to the bucket when configured)."""
     if not name:
         raise ApiError(404, f"{field}: no such file (yet)", field)
-    svc = service()
-    seconds = svc.settings.presign_seconds if svc.settings.results_redirect else 0
-    return files.serve(svc.store, job_id, name, field, redirect_seconds=seconds)
+    return serve_file(job_id, name, field)
 
 
 def _mp4(job_id: str, name: str | None) -> Response:
@@ -365,7 +350,7 @@ def job_input(job_id: str) -> Response:
     data = service().read_input(job_id)  # in Redis while the job is queued or running
     if data is not None:
         return Response(data, mimetype="image/png")
-    return _file(job_id, INPUT_FILE, "input")
+    return _file(job_id, INPUT_FILE, "input")  # from the store, with Range
 
 
 #: Entries a batch may hold.

@@ -3,17 +3,19 @@
     {"error": "<field>: <message>", "field": "<field>" | null, "errors": [{"field", "message"}]}
 
 Views raise :class:`ApiError` (or let pydantic's ``ValidationError``, an upload's
-``ImageError``, a Redis outage or a werkzeug ``HTTPException`` escape); :func:`init_app`
-turns each into that body.
+``ImageError``, a Redis outage or a werkzeug ``HTTPException`` escape); :func:`register`
+turns each into that body, for the app (:func:`init_app`) or for one blueprint with a body
+of its own shape (the original API adds FastAPI's ``detail``: ``webapp/original.py``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
-from flask import Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -64,11 +66,12 @@ def not_found(what: str = "job", field: str = "job_id") -> ApiError:
     return ApiError(404, f"unknown {what}", field)
 
 
-def error_response(exc: ApiError) -> Response:
-    body: dict[str, Any] = {"error": exc.message, "field": exc.field, "errors": exc.errors}
-    if not request.path.startswith(("/api/", "/ws/")):  # the original API's routes: FastAPI's key too
-        body["detail"] = exc.message
-    resp = jsonify(body)
+def error_body(exc: ApiError) -> dict[str, Any]:
+    return {"error": exc.message, "field": exc.field, "errors": exc.errors}
+
+
+def error_response(exc: ApiError, shape: Callable[[ApiError], dict[str, Any]] = error_body) -> Response:
+    resp = jsonify(shape(exc))
     resp.status_code = exc.status
     resp.headers.update(exc.headers)
     return resp
@@ -86,32 +89,42 @@ def from_image(exc: ImageError, rename: dict[str, str] | None = None) -> ApiErro
 
 
 def init_app(app: Flask) -> None:
-    app.register_error_handler(ApiError, error_response)
+    register(app)
 
-    @app.errorhandler(ValidationError)
+
+def register(target: Flask | Blueprint, shape: Callable[[ApiError], dict[str, Any]] = error_body) -> None:
+    """Render every error raised in ``target``'s requests as ``shape`` makes the body (a
+    blueprint's handlers answer for its routes, the app's for the rest)."""
+
+    def respond(exc: ApiError) -> Response:
+        return error_response(exc, shape)
+
+    target.register_error_handler(ApiError, respond)
+
+    @target.errorhandler(ValidationError)
     def _validation(exc: ValidationError) -> Response:
-        return error_response(from_validation(exc))
+        return respond(from_validation(exc))
 
-    @app.errorhandler(ImageError)
+    @target.errorhandler(ImageError)
     def _image(exc: ImageError) -> Response:
-        return error_response(from_image(exc))
+        return respond(from_image(exc))
 
-    @app.errorhandler(redis.RedisError)
+    @target.errorhandler(redis.RedisError)
     def _store_down(exc: redis.RedisError) -> Response:
-        service = app.extensions.get("framepack")
+        service = current_app.extensions.get("framepack")
         if service is not None:
             service.metrics.redis_errors.labels("request").inc()
         log.warning("Redis unavailable: %s", exc)
-        return error_response(ApiError(503, f"the job store (Redis) is unavailable: {exc}; retry shortly",
-                                       headers={"Retry-After": "5"}))  # fmt: skip
+        return respond(ApiError(503, f"the job store (Redis) is unavailable: {exc}; retry shortly",
+                                headers={"Retry-After": "5"}))  # fmt: skip
 
-    @app.errorhandler(StoreUnavailable)
+    @target.errorhandler(StoreUnavailable)
     def _results_down(exc: StoreUnavailable) -> Response:
         log.warning("results store unavailable: %s", exc)
-        return error_response(ApiError(503, f"the results store is unavailable: {exc}; retry shortly",
-                                       headers={"Retry-After": "5"}))  # fmt: skip
+        return respond(ApiError(503, f"the results store is unavailable: {exc}; retry shortly",
+                                headers={"Retry-After": "5"}))  # fmt: skip
 
-    @app.errorhandler(HTTPException)
+    @target.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
         if status == 413:
@@ -120,4 +133,4 @@ def init_app(app: Flask) -> None:
             err = ApiError(status, exc.description or exc.name)
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             err.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
-        return error_response(err)
+        return respond(err)

@@ -8,8 +8,14 @@ status words ``pending``, ``processing``, ``completed``, ``cancelled``, ``failed
 and the shapes below.  Our own API (``/api/...``) keeps its stricter validation; the
 differences that remain are listed in ``docs/protocol.md`` ("The original API").
 
-Everything reads the same job snapshots as the rest of the web tier; the event streams are
-fed by the same hub as the WebSockets.  With API tokens (``webapp.auth``) these routes need
+It is a translator over our own API, not a second one: its form becomes :class:`JobParams`
+(the ranges it clamps into are the schema's own, :func:`diffusers_helper.params.bounds`),
+our states become its words through one table (``ORIGINAL_STATUS`` in
+:mod:`tasks.protocol`), and it calls the same submit, view, file and cancel functions as
+``/api`` (:mod:`webapp.jobs`, :class:`webapp.service.Service`).  Errors raised in its
+routes get FastAPI's ``detail`` beside our error body (its blueprint's handlers); its own
+refusals (:class:`OriginalError`) are FastAPI's shape alone.  The event streams are fed by
+the same hub as the WebSockets.  With API tokens (``webapp.auth``) these routes need
 one like the rest (an ``EventSource``: ``?access=``); a caller sees only its own jobs
 (another's is "Job not found"), ``/queue``, ``/videos`` and ``/cleanup_jobs`` included; its
 role's limits on seconds and steps are ranges like the others (clamped, under ``adjusted``).
@@ -28,28 +34,24 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import TypeAdapter, ValidationError
 
 from diffusers_helper import lora_files
-from diffusers_helper.params import MAX_SEED, JobParams, field_errors
+from diffusers_helper.params import MAX_SEED, JobParams, LoraSpec, bounds, field_errors
 from tasks.lifecycle import QueueFull
-from tasks.protocol import INPUT_FILE, TERMINAL, JobState, Keys
+from tasks.protocol import ORIGINAL_STATUS, TERMINAL, JobState, Keys
 
-from . import files, sse
-from .api import QUEUE_RETRY_AFTER, parse_webhook, visible_owner
+from . import errors, sse
+from .api import parse_webhook
 from .auth import principal
 from .errors import ApiError
+from .jobs import final_video, input_png, queue_refusal, serve_file, service, visible_owner, visible_view
 from .offload import off_loop
-from .service import Service
 from .uploads import ImageError, normalise
 
-bp = Blueprint("compat", __name__)
+bp = Blueprint("original", __name__)
+# Errors raised in these routes (a Redis outage, a token refused...): our body plus FastAPI's key.
+errors.register(bp, lambda exc: {**errors.error_body(exc), "detail": exc.message})
 
 
-def service() -> Service:
-    from flask import current_app
-
-    return current_app.extensions["framepack"]
-
-
-class LegacyError(Exception):
+class OriginalError(Exception):
     """An error in FastAPI's shape: ``{"detail": ...}`` with the status FastAPI would use."""
 
     def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None):
@@ -57,8 +59,8 @@ class LegacyError(Exception):
         self.status, self.detail, self.headers = status, detail, headers or {}
 
 
-@bp.errorhandler(LegacyError)
-def _legacy_error(exc: LegacyError) -> Response:
+@bp.errorhandler(OriginalError)
+def _original_error(exc: OriginalError) -> Response:
     resp = jsonify({"detail": exc.detail})
     resp.status_code = exc.status
     resp.headers.update(exc.headers)
@@ -84,10 +86,11 @@ FORM: dict[str, tuple[Any, Any]] = {
     "sampling_mode": (str, "reverse"),
 }
 MODES = {"reverse": "framepack", "forward": "framepack-f1"}
-#: Where a legacy field's value lands in our parameters, and the range it is clamped to.
-RANGES = {"video_length": ("total_second_length", 1, 120), "steps": ("steps", 1, 100), "cfg": ("cfg", 1, 32),
-          "gs": ("gs", 1, 32), "rs": ("rs", 0, 1), "gpu_memory_preservation": ("gpu_memory_preservation", 6, 128),
-          "mp4_crf": ("mp4_crf", 0, 51)}  # fmt: skip
+#: The form's numbers -> our parameters; each is clamped into our schema's range.
+OURS = {"video_length": "total_second_length", "steps": "steps", "cfg": "cfg", "gs": "gs", "rs": "rs",
+        "gpu_memory_preservation": "gpu_memory_preservation", "mp4_crf": "mp4_crf"}  # fmt: skip
+RANGES = {name: (ours, *bounds(JobParams, ours)) for name, ours in OURS.items()}
+LORA_SCALE = bounds(LoraSpec, "weight")
 
 
 def _form_values() -> dict[str, Any]:
@@ -110,12 +113,12 @@ def _form_values() -> dict[str, Any]:
                        "msg": "Input should be 'reverse' or 'forward'",
                        "ctx": {"expected": "'reverse' or 'forward'"}})  # fmt: skip
     if errors:
-        raise LegacyError(422, errors)
+        raise OriginalError(422, errors)
     return values
 
 
 def _to_params(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Legacy values -> our parameters, clamped or rounded into our ranges; and what changed."""
+    """The form's values -> our parameters, clamped or rounded into our ranges; and what changed."""
     params: dict[str, Any] = {"prompt": values["prompt"], "use_teacache": values["use_teacache"],
                               "model": MODES[values["sampling_mode"]]}  # fmt: skip
     adjusted: dict[str, dict[str, Any]] = {}
@@ -139,9 +142,10 @@ def _to_params(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[s
         try:
             lora_files.check(service().settings.lora_dir, PurePath(lora).stem)
         except lora_files.LoraFileError as exc:
-            raise LegacyError(422, [{"type": "value_error", "loc": ["body", "lora_path"], "msg": str(exc),
+            raise OriginalError(422, [{"type": "value_error", "loc": ["body", "lora_path"], "msg": str(exc),
                                      "input": lora}]) from None  # fmt: skip
-        scale = min(max(values["lora_scale"], -4), 4) if values["lora_scale"] == values["lora_scale"] else 1.0
+        low, high = LORA_SCALE
+        scale = min(max(values["lora_scale"], low), high) if values["lora_scale"] == values["lora_scale"] else 1.0
         if scale != values["lora_scale"]:
             adjusted["lora_scale"] = {"requested": _json_number(values["lora_scale"]), "used": scale}
         params["loras"] = [{"name": PurePath(lora).stem, "weight": scale}]
@@ -149,7 +153,7 @@ def _to_params(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[s
 
 
 #: Our parameter names -> the original form's, for its error shapes.
-LEGACY_NAMES = {ours: legacy for legacy, (ours, _low, _high) in RANGES.items()} | {"loras": "lora_path"}
+FORM_NAMES = {ours: name for name, ours in OURS.items()} | {"loras": "lora_path"}
 
 
 def _validated(params: dict[str, Any]) -> JobParams:
@@ -158,9 +162,9 @@ def _validated(params: dict[str, Any]) -> JobParams:
     try:
         return JobParams.model_validate(params)
     except ValidationError as exc:
-        errors = [{"type": "value_error", "loc": ["body", LEGACY_NAMES.get(e["field"].split(".")[0], e["field"])],
+        errors = [{"type": "value_error", "loc": ["body", FORM_NAMES.get(e["field"].split(".")[0], e["field"])],
                    "msg": e["message"], "input": None} for e in field_errors(exc)]  # fmt: skip
-        raise LegacyError(422, errors) from None
+        raise OriginalError(422, errors) from None
 
 
 def _json_number(value: Any) -> Any:
@@ -170,20 +174,20 @@ def _json_number(value: Any) -> Any:
 
 def _checked_form() -> tuple[JobParams, bytes, dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """The form as our parameters, the normalised image, the webhook and what was clamped;
-    a refusal (``LegacyError``) counts as ``refused{reason="invalid"}``."""
+    a refusal (``OriginalError``) counts as ``refused{reason="invalid"}``."""
     try:
         params, adjusted = _to_params(_form_values())
         job_params = _validated(params)
         try:
             image = off_loop(normalise, "image", request.files["image"].read())
         except ImageError as exc:
-            raise LegacyError(400, f"Failed to read or process uploaded image: {exc.message}") from None
+            raise OriginalError(400, f"Failed to read or process uploaded image: {exc.message}") from None
         try:
             webhook = parse_webhook({k: request.form.get(k) for k in ("webhook", "webhook_events")
                                      if k in request.form})  # fmt: skip
         except ApiError as exc:
-            raise LegacyError(exc.status, exc.message) from None
-    except LegacyError:
+            raise OriginalError(exc.status, exc.message) from None
+    except OriginalError:
         service().lifecycle.count_refusal("invalid")
         raise
     return job_params, image, webhook, adjusted
@@ -196,12 +200,12 @@ def generate() -> Response:
         job_params, image, webhook, adjusted = _checked_form()
         job = service().submit(job_params, image, None, owner=principal().owner, webhook=webhook)
     except QueueFull as exc:
-        raise LegacyError(429 if exc.scope == "token" else 503, str(exc),
-                          {"Retry-After": str(QUEUE_RETRY_AFTER)}) from None  # fmt: skip
-    except LegacyError:
+        status, headers = queue_refusal(exc)
+        raise OriginalError(status, str(exc), headers) from None
+    except OriginalError:
         raise
     except Exception as exc:  # noqa: BLE001 — the broker is down
-        raise LegacyError(500, f"Failed to add job to queue: {exc}") from None
+        raise OriginalError(500, f"Failed to add job to queue: {exc}") from None
     body: dict[str, Any] = {"job_id": job["id"], "message": "Video generation job added to queue."}
     if adjusted:
         body["adjusted"] = adjusted
@@ -209,21 +213,16 @@ def generate() -> Response:
 
 
 # -- reading jobs --------------------------------------------------------------------------
-def _view(job_id: str) -> dict[str, Any] | None:
-    """The job's snapshot, if it exists and the caller may see it (another's job is "not found")."""
-    view = service().view(job_id)
-    return view if view is not None and principal().may_see(view.get("owner")) else None
-
-
-def legacy_word(view: dict[str, Any]) -> str:
+def original_word(view: dict[str, Any]) -> str:
+    """Our state in the original API's words (``failed - <why>`` for a failure)."""
     state = JobState(view["state"])
+    word = ORIGINAL_STATUS[state]
     if state is JobState.FAILED:
-        return f"failed - {view.get('error') or view.get('reason') or 'unknown error'}"
-    return {JobState.QUEUED: "pending", JobState.RUNNING: "processing", JobState.SUCCEEDED: "completed",
-            JobState.CANCELLED: "cancelled"}[state]  # fmt: skip
+        return f"{word} - {view.get('error') or view.get('reason') or 'unknown error'}"
+    return word
 
 
-def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
+def original_status(view: dict[str, Any]) -> dict[str, Any]:
     """``/status`` fields: progress 0-100 over the job; step within the current section."""
     state = JobState(view["state"])
     steps = view.get("steps") or (view.get("params") or {}).get("steps")
@@ -237,7 +236,7 @@ def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
         info = view.get("message") or view.get("stage") or ""
     return {
         "job_id": view["id"],
-        "status": legacy_word(view),
+        "status": original_word(view),
         "progress": 100.0 if state is JobState.SUCCEEDED else round(100.0 * float(view.get("progress") or 0), 1),
         "progress_step": steps if state is JobState.SUCCEEDED else (view.get("step") or 0),
         "progress_total": steps,
@@ -247,63 +246,41 @@ def legacy_status(view: dict[str, Any]) -> dict[str, Any]:
 
 @bp.get("/status/<job_id>")
 def status(job_id: str) -> Response:
-    view = _view(job_id)
+    view = visible_view(job_id)
     if view is None:
-        raise LegacyError(404, "Job not found")
-    return jsonify(legacy_status(view))
-
-
-def _input_png(job_id: str) -> bytes | None:
-    data = service().read_input(job_id)  # in Redis while the job is queued or running
-    return data if data is not None else service().store.read_all(job_id, INPUT_FILE)
+        raise OriginalError(404, "Job not found")
+    return jsonify(original_status(view))
 
 
 @bp.get("/result/<job_id>")
 def result(job_id: str) -> Response:
-    view = _view(job_id)
+    view = visible_view(job_id)
     if view is None:
-        raise LegacyError(404, f"Job '{job_id}' not found or result file does not exist.")
+        raise OriginalError(404, f"Job '{job_id}' not found or result file does not exist.")
     if view["state"] != JobState.SUCCEEDED.value:
-        raise LegacyError(404, f"Job '{job_id}' is not completed yet (status: {legacy_word(view)}).")
-    png = _input_png(job_id)
+        raise OriginalError(404, f"Job '{job_id}' is not completed yet (status: {original_word(view)}).")
+    png = input_png(job_id)
     thumbnail = f"data:image/png;base64,{base64.b64encode(png).decode()}" if png else None
-    return jsonify({"video_url": url_for("compat.download_video", job_id=job_id, _external=True),
+    return jsonify({"video_url": url_for("original.download_video", job_id=job_id, _external=True),
                     "thumbnail_base64": thumbnail})  # fmt: skip
-
-
-def _video_name(job_id: str) -> str | None:
-    """The final video's file name in the results store, if it is there."""
-    record = service().record(job_id) or {}
-    name = (record.get("result") or {}).get("video")
-    return name if name and service().store.stat(job_id, name) is not None else None
-
-
-def _serve_video(job_id: str, name: str, disposition: str) -> Response:
-    """From the results store with Range (or a 302 to the bucket), as a named download."""
-    svc = service()
-    seconds = svc.settings.presign_seconds if svc.settings.results_redirect else 0
-    resp = files.serve(svc.store, job_id, name, "video", redirect_seconds=seconds)
-    if resp.status_code != 302:
-        resp.headers["Content-Disposition"] = disposition
-    return resp
 
 
 @bp.get("/download/video/<job_id>")
 def download_video(job_id: str) -> Response:
-    view = _view(job_id)
-    name = _video_name(job_id) if view and view["state"] == JobState.SUCCEEDED.value else None
+    view = visible_view(job_id)
+    name = final_video(view)
     if name is None:
         if view is None:
-            raise LegacyError(404, f"Video file for job '{job_id}' not found.")
-        raise LegacyError(404, f"Video file for job '{job_id}' not found, status is '{legacy_word(view)}'.")
-    return _serve_video(job_id, name, f'attachment; filename="{job_id}.mp4"')  # as Starlette writes it
+            raise OriginalError(404, f"Video file for job '{job_id}' not found.")
+        raise OriginalError(404, f"Video file for job '{job_id}' not found, status is '{original_word(view)}'.")
+    return serve_file(job_id, name, "video", f'attachment; filename="{job_id}.mp4"')  # as Starlette writes it
 
 
 @bp.get("/input_image/<job_id>")
 def input_image(job_id: str) -> Response:
-    png = _input_png(job_id) if _view(job_id) else None
+    png = input_png(job_id) if visible_view(job_id) else None
     if png is None:
-        raise LegacyError(404, f"Job '{job_id}' not found and input image file does not exist.")
+        raise OriginalError(404, f"Job '{job_id}' not found and input image file does not exist.")
     from PIL import Image
 
     out = io.BytesIO()
@@ -314,11 +291,11 @@ def input_image(job_id: str) -> Response:
 
 @bp.post("/cancel/<job_id>")
 def cancel(job_id: str) -> Response:
-    view = _view(job_id)
+    view = visible_view(job_id)
     if view is None:
-        raise LegacyError(404, "Job not found")
+        raise OriginalError(404, "Job not found")
     if JobState(view["state"]) in TERMINAL:
-        return jsonify({"message": f"Job is already {legacy_word(view).split(' - ')[0]}."})
+        return jsonify({"message": f"Job is already {original_word(view).split(' - ')[0]}."})
     service().cancel(job_id)
     return jsonify({"message": f"Cancellation requested for job {job_id}."})
 
@@ -332,10 +309,10 @@ def queue() -> Response:
     jobs, _ = service().list_page(0, QUEUE_LISTED, visible_owner())
     rows = []
     for summary in reversed(jobs):  # oldest first, as the fork's queue file
-        view = _view(summary["id"])
+        view = visible_view(summary["id"])
         if view is None:
             continue
-        st = legacy_status(view)
+        st = original_status(view)
         rows.append({"job_id": view["id"], "status": st["status"], "prompt": (view["params"] or {})
                      .get("prompt", "")[:50], "video_length": (view["params"] or {}).get("total_second_length"),
                      "progress": st["progress"], "progress_info": st["progress_info"]})  # fmt: skip
@@ -372,19 +349,19 @@ def videos() -> Response:
 @bp.get("/videos/<path:filename>")
 def video_file(filename: str) -> Response:
     if ".." in filename or filename.startswith("/") or "/" in filename:
-        raise LegacyError(400, "Invalid filename.")
+        raise OriginalError(400, "Invalid filename.")
     if not filename.lower().endswith(".mp4"):
-        raise LegacyError(400, "Invalid file type, only MP4 is supported.")
-    view = _view(filename[: -len(".mp4")])
-    name = _video_name(view["id"]) if view and view["state"] == JobState.SUCCEEDED.value else None
-    if name is None:
-        raise LegacyError(404, "Video file not found")
-    return _serve_video(view["id"], name, f'inline; filename="{filename}"')
+        raise OriginalError(400, "Invalid file type, only MP4 is supported.")
+    view = visible_view(filename[: -len(".mp4")])
+    name = final_video(view)
+    if view is None or name is None:
+        raise OriginalError(404, "Video file not found")
+    return serve_file(view["id"], name, "video", f'inline; filename="{filename}"')
 
 
 def _admit() -> Callable[[], None]:
     """A watcher slot for an event stream, or FastAPI's shape of a 503 at capacity."""
-    return sse.admit(service().hub, lambda message, headers: LegacyError(503, message, headers))
+    return sse.admit(service().hub, lambda message, headers: OriginalError(503, message, headers))
 
 
 @bp.get("/video_stream")
@@ -417,7 +394,7 @@ def stream(job_id: str) -> Response:
     svc = service()
 
     def events() -> Iterator[str]:
-        if _view(job_id) is None:
+        if visible_view(job_id) is None:
             yield sse.event("status", {"status": "error", "message": "Job not found or cleaned up."})
             return
         outbox = svc.hub.new_outbox()
@@ -426,7 +403,7 @@ def stream(job_id: str) -> Response:
             view = svc.view(job_id)
             last_seq, last_body = view["seq"], None
             while True:
-                body = legacy_status(view)
+                body = original_status(view)
                 if view.get("preview") and view["state"] == JobState.RUNNING.value:
                     body["preview_image_base64"] = view["preview"]["image"]
                 if body != last_body:
