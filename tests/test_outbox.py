@@ -13,7 +13,8 @@ import subprocess
 import sys
 import textwrap
 
-from webapp.outbox import PING_FRAME, Item, Outbox, text_frame
+from webapp.framing import PING_FRAME, text_frame
+from webapp.outbox import Item, Outbox
 
 
 class FakeWs:

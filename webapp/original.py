@@ -36,12 +36,13 @@ from pydantic import TypeAdapter, ValidationError
 from diffusers_helper import lora_files
 from diffusers_helper.params import MAX_SEED, JobParams, LoraSpec, bounds, field_errors
 from tasks.lifecycle import QueueFull
-from tasks.protocol import ORIGINAL_STATUS, TERMINAL, JobState, Keys
+from tasks.protocol import ORIGINAL_STATUS, TERMINAL, JobState
 
-from . import errors, sse
+from . import errors, sse, watch
 from .api import parse_webhook
 from .auth import principal
 from .errors import ApiError
+from .framing import KEEP_ALIVE_EVENT, sse_event
 from .jobs import final_video, input_png, queue_refusal, serve_file, service, visible_owner, visible_view
 from .offload import off_loop
 from .uploads import ImageError, normalise
@@ -367,22 +368,17 @@ def _admit() -> Callable[[], None]:
 @bp.get("/video_stream")
 def video_stream() -> Response:
     """The name of every video that appears (``data: <job_id>.mp4``), as the fork's watcher sends."""
-    svc = service()
-    who = principal()
+    hub, who = service().hub, principal()
+
+    def succeeded(item: Any) -> bool:
+        data = item.data
+        return data.get("event") == "finished" and data.get("state") == JobState.SUCCEEDED.value and who.may_see(
+            data.get("owner"))  # fmt: skip
 
     def events() -> Iterator[str]:
-        outbox = svc.hub.new_outbox()
-        svc.hub.watch(Keys.EVENTS, outbox)
-        try:
-            while not outbox.overflowed:
-                item = outbox.get(timeout=sse.KEEP_ALIVE)
-                if item is None:
-                    yield sse.KEEP_ALIVE_EVENT
-                elif (item.data.get("event") == "finished" and item.data.get("state") == JobState.SUCCEEDED.value
-                      and who.may_see(item.data.get("owner"))):  # fmt: skip
-                    yield sse.event(None, f"{item.data['job_id']}.mp4")
-        finally:
-            svc.hub.unwatch(Keys.EVENTS, outbox)
+        with watch.subscribed(hub, accept=succeeded) as outbox:
+            for item in watch.updates(outbox):
+                yield KEEP_ALIVE_EVENT if item is None else sse_event(None, f"{item.data['job_id']}.mp4")
 
     return sse.stream(events(), _admit())
 
@@ -395,35 +391,31 @@ def stream(job_id: str) -> Response:
 
     def events() -> Iterator[str]:
         if visible_view(job_id) is None:
-            yield sse.event("status", {"status": "error", "message": "Job not found or cleaned up."})
+            yield sse_event("status", {"status": "error", "message": "Job not found or cleaned up."})
             return
-        outbox = svc.hub.new_outbox()
-        svc.hub.watch_job(job_id, outbox)
-        try:
+        with watch.subscribed(svc.hub, job_id) as outbox:
             view = svc.view(job_id)
-            last_seq, last_body = view["seq"], None
+            pending = watch.updates(outbox, view["seq"])
+            last_body = None
             while True:
                 body = original_status(view)
                 if view.get("preview") and view["state"] == JobState.RUNNING.value:
                     body["preview_image_base64"] = view["preview"]["image"]
                 if body != last_body:
-                    yield sse.event("progress", body)
+                    yield sse_event("progress", body)
                     last_body = body
                 if JobState(view["state"]) in TERMINAL:
-                    yield sse.event("status", {"status": body["status"], "message": "Job finished."})
+                    yield sse_event("status", {"status": body["status"], "message": "Job finished."})
                     return
                 item = None
-                while item is None or item.seq <= last_seq:  # skip what this stream already showed
-                    if outbox.overflowed:
-                        return  # a client this far behind reconnects and starts from a fresh status
-                    item = outbox.get(timeout=sse.KEEP_ALIVE)
-                    if item is None:
-                        yield sse.KEEP_ALIVE_EVENT
-                last_seq = item.seq
+                for item in pending:  # keep-alives until the next update
+                    if item is not None:
+                        break
+                    yield KEEP_ALIVE_EVENT
+                if item is None:
+                    return  # overflow: a client this far behind reconnects and starts from a fresh status
                 view = {**view, **item.data, "id": job_id}
                 if JobState(view["state"]) in TERMINAL:
                     view = svc.view(job_id) or view  # the record has the reason and the result
-        finally:
-            svc.hub.unwatch_job(job_id, outbox)
 
     return sse.stream(events(), _admit())

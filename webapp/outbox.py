@@ -1,7 +1,7 @@
 """One watcher's outbox: frames built once, written without blocking, latest preview wins.
 
-Frames are built once per message for every watcher: :func:`text_frame` for WebSockets,
-:func:`sse_event` for event streams (:attr:`Item.frame`, :attr:`Item.event`, and
+Frames are built once per message for every watcher (:mod:`webapp.framing`): a WebSocket
+text frame, or a server-sent event (:attr:`Item.frame`, :attr:`Item.event`, and
 :attr:`Item.chunk` for an event stream written straight to its socket).  Updates that arrive
 together go out together (:class:`Batch`): one write per watcher for all of them, since the
 cost of a write is its system call, not its bytes.
@@ -25,31 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-
-def text_frame(text: str) -> bytes:
-    """A complete, unmasked WebSocket text frame (server to client; no extensions)."""
-    payload = text.encode()
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 1 << 16:
-        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
-    return header + payload
-
-
-PING_FRAME = bytes((0x89, 0))
-
-
-def sse_event(kind: str | None, data: str, seq: int | None = None) -> str:
-    """One server-sent event (``data`` is one line: encoded JSON or plain text)."""
-    return (f"id: {seq}\n" if seq else "") + (f"event: {kind}\n" if kind else "") + f"data: {data}\n\n"
-
-
-def http_chunk(data: bytes) -> bytes:
-    """One chunk of an HTTP/1.1 chunked body (what the WSGI server would have framed)."""
-    return b"%X\r\n%s\r\n" % (len(data), data)
+from .framing import PING_FRAME, http_chunk, sse_event, text_frame
 
 
 def greenlets_only() -> bool:

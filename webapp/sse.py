@@ -16,7 +16,6 @@ Werkzeug and gunicorn cost each SSE watcher four times what a WebSocket costs (p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,35 +23,18 @@ from flask import Request, Response, stream_with_context
 
 from tasks.protocol import TERMINAL, JobState, encode
 
-from .hub import JobHub
-from .outbox import Outbox, http_chunk, sse_event
-
-#: Seconds a refused watcher is told to wait (503 ``Retry-After``, the 1013 close reason).
-RETRY_AFTER = 5
-#: Seconds between keep-alive comments on an idle stream (under common proxy and client
-#: read timeouts of 10 s and more).
-KEEP_ALIVE = 8.0
-KEEP_ALIVE_EVENT = ": keep-alive\n\n"  # a comment line: clients ignore it
+from . import watch
+from .framing import KEEP_ALIVE_EVENT, http_chunk, sse_event
+from .outbox import Outbox
 
 
-def event(kind: str | None, data: Any, seq: int | None = None) -> str:
-    """One SSE event; ``data`` is sent as is when it is a string (already encoded JSON)."""
-    return sse_event(kind, data if isinstance(data, str) else json.dumps(data, separators=(",", ":")), seq)
-
-
-def admit(hub: JobHub, refuse: Callable[[str, dict[str, str]], Exception]) -> Callable[[], None]:
-    """A stream slot, or raise ``refuse(message, headers)`` (the route's own error shape).
-    Returns the release to hand to :func:`stream`."""
-    if not hub.admit():
-        raise refuse(f"server at watcher capacity: try again in {RETRY_AFTER} s", {"Retry-After": str(RETRY_AFTER)})
-    done = False
-
-    def release() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            hub.release()
-
+def admit(hub: Any, refuse: Callable[[str, dict[str, str]], Exception]) -> Callable[[], None]:
+    """A stream slot (:func:`webapp.watch.admit`), or raise ``refuse(message, headers)`` (the
+    route's own error shape) before any byte of the stream.  Returns the release to hand to
+    :func:`stream`."""
+    release = watch.admit(hub)
+    if release is None:
+        raise refuse(watch.AT_CAPACITY, dict(watch.AT_CAPACITY_HEADERS))
     return release
 
 
@@ -76,49 +58,39 @@ def connection(request: Request) -> tuple[Any, bool] | None:
 
 def _pump(outbox: Outbox, conn: tuple[Any, bool], sent_seq: int) -> None:
     """Own the connection (see :func:`connection`) from the snapshot on: the hub writes to it
-    directly; here what it could not, keep-alives on an idle stream, and the end after the
-    final (or when the client is gone or too far behind)."""
+    directly (:func:`webapp.watch.pump`); keep-alives on an idle stream."""
     sock, chunked = conn
     outbox.own_stream(sock, chunked)
     keep_alive = http_chunk(KEEP_ALIVE_EVENT.encode()) if chunked else KEEP_ALIVE_EVENT.encode()
-    outbox.attach(sent_seq)
-    try:
-        while (state := outbox.drain(timeout=KEEP_ALIVE)) not in ("final", "dead", "overflow"):
-            if state == "idle":
-                outbox.write_external(keep_alive)
-        if state == "overflow":  # a client this far behind reconnects to a fresh snapshot
-            outbox.write_external(b"")  # first the rest of a chunk the hub began, if any
-    except OSError:
-        pass  # the client went away during a keep-alive
-    finally:
-        outbox.detach()
+
+    def idle() -> bool:
+        try:
+            outbox.write_external(keep_alive)
+            return True
+        except OSError:
+            return False  # the client went away
+
+    if watch.pump(outbox, sent_seq, idle, lambda: watch.KEEP_ALIVE) == "overflow":
+        try:  # the rest of a chunk the hub began, so the client sees a well-formed end
+            outbox.write_external(b"")
+        except OSError:
+            pass
 
 
 def job_events(svc: Any, job_id: str, conn: tuple[Any, bool] | None = None) -> Iterator[str | bytes]:
     """Our job stream's events (the caller has checked the job exists and may be seen);
     ``conn``: see :func:`connection`."""
-    hub = svc.hub
-    outbox = hub.new_outbox()
-    hub.watch_job(job_id, outbox)  # subscribe first, then snapshot: nothing falls between
-    try:
+    with watch.subscribed(svc.hub, job_id) as outbox:
         view = svc.view(job_id)
-        yield event("snapshot", encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}),
-                    view["seq"])  # fmt: skip
+        yield sse_event("snapshot", encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}),
+                        view["seq"])  # fmt: skip
         if JobState(view["state"]) in TERMINAL:
-            yield event("final", encode(svc.final_message(job_id, view)), view["seq"])
+            yield sse_event("final", encode(svc.final_message(job_id, view)), view["seq"])
             return
-        last = view["seq"]
         if conn is not None:  # the server has written the snapshot: ours from here on
-            _pump(outbox, conn, last)
+            _pump(outbox, conn, view["seq"])
             return
-        while not outbox.overflowed:  # a client this far behind reconnects and gets a fresh snapshot
-            item = outbox.get(timeout=KEEP_ALIVE)
-            if item is None:
-                yield KEEP_ALIVE_EVENT
-            elif not item.seq or item.seq > last:
-                last = max(last, item.seq)
-                yield item.event
-                if item.kind == "final":
-                    return
-    finally:
-        hub.unwatch_job(job_id, outbox)
+        for item in watch.updates(outbox, view["seq"]):
+            yield KEEP_ALIVE_EVENT if item is None else item.event
+            if item is not None and item.kind == "final":
+                return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, request
@@ -25,11 +26,11 @@ from simple_websocket import ConnectionClosed
 from wsproto.events import CloseConnection
 from wsproto.utilities import LocalProtocolError
 
-from tasks.protocol import TERMINAL, JobState, Keys, encode
+from tasks.protocol import TERMINAL, JobState, encode
 
+from . import watch
 from .auth import principal
 from .service import Service
-from .sse import RETRY_AFTER
 
 sock = Sock()
 bp = Blueprint("ws", __name__)
@@ -119,47 +120,45 @@ def _close_and_linger(ws: Any, reason: int, message: str) -> None:
 
 
 def _pump(ws: Any, outbox: Any, sent_seq: int, until_final: bool) -> None:
-    """Hand the socket to its outbox after the snapshot, then write what the producer
-    could not, ping when idle, and close after the final (or when too far behind)."""
-    outbox.attach(sent_seq)
-    next_ping = time.monotonic() + PING_SECONDS
-    try:
-        while True:
-            state = outbox.drain(timeout=max(0.0, min(IDLE_CHECK_SECONDS, next_ping - time.monotonic())))
-            if state == "overflow":
-                outbox.detach()
-                ws.close(reason=CLOSE_TOO_SLOW, message="too slow: messages were piling up")
-                return
-            if state == "dead" or (state == "idle" and not ws.connected):
-                return
-            if state == "final" and until_final:
-                outbox.detach()
-                _close_after_grace(ws)
-                return
-            if state == "idle" and time.monotonic() >= next_ping:
-                outbox.ping()
-                next_ping = time.monotonic() + PING_SECONDS
-    finally:
-        outbox.detach()
+    """After the snapshot (:func:`webapp.watch.pump`): ping when idle, close after the final
+    (or when too far behind)."""
+    next_ping = [time.monotonic() + PING_SECONDS]
 
-
-def _admitted(ws: Any, svc: Service) -> bool:
-    """Take a stream slot, or close with 1013 at once (the client retries after a while)."""
-    if svc.hub.admit():
+    def idle() -> bool:
+        if not ws.connected:
+            return False
+        if time.monotonic() >= next_ping[0]:
+            outbox.ping()
+            next_ping[0] = time.monotonic() + PING_SECONDS
         return True
-    _close_and_linger(ws, CLOSE_TRY_LATER, f"server at watcher capacity: try again in {RETRY_AFTER} s")
-    return False
+
+    end = watch.pump(outbox, sent_seq, idle, lambda: min(IDLE_CHECK_SECONDS, next_ping[0] - time.monotonic()),
+                     until_final)  # fmt: skip
+    if end == "overflow":
+        ws.close(reason=CLOSE_TOO_SLOW, message="too slow: messages were piling up")
+    elif end == "final":
+        _close_after_grace(ws)
+
+
+def _admitted(ws: Any, svc: Service) -> Callable[[], None] | None:
+    """A stream slot's release, or None after closing with 1013 at once (the client retries
+    after a while)."""
+    release = watch.admit(svc.hub)
+    if release is None:
+        _close_and_linger(ws, CLOSE_TRY_LATER, watch.AT_CAPACITY)
+    return release
 
 
 @sock.route("/ws/jobs/<job_id>", bp=bp)
 def job_stream(ws: Any, job_id: str) -> None:
     svc = _service()
-    if not _admitted(ws, svc):
+    release = _admitted(ws, svc)
+    if release is None:
         return
     try:
         _job_stream(ws, svc, job_id)
     finally:
-        svc.hub.release()
+        release()
 
 
 def _job_stream(ws: Any, svc: Service, job_id: str) -> None:
@@ -168,10 +167,8 @@ def _job_stream(ws: Any, svc: Service, job_id: str) -> None:
         _close_and_linger(ws, CLOSE_UNKNOWN_JOB, "unknown job")
         return
     _limit_send_buffer(ws)
-    outbox = svc.hub.new_outbox()
-    outbox.own(ws)
-    svc.hub.watch_job(job_id, outbox)  # subscribe first, then snapshot: nothing falls between
-    try:
+    with watch.subscribed(svc.hub, job_id) as outbox:
+        outbox.own(ws)
         view = svc.view(job_id)
         ws.send(encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}))
         if JobState(view["state"]) in TERMINAL:
@@ -179,26 +176,24 @@ def _job_stream(ws: Any, svc: Service, job_id: str) -> None:
             ws.close(reason=CLOSE_DONE, message="job finished")
             return
         _pump(ws, outbox, view["seq"], until_final=True)
-    finally:
-        svc.hub.unwatch_job(job_id, outbox)
 
 
 @sock.route("/ws/jobs", bp=bp)
 def jobs_stream(ws: Any) -> None:
     svc = _service()
-    if not _admitted(ws, svc):
+    release = _admitted(ws, svc)
+    if release is None:
         return
     who = principal()
-    outbox = svc.hub.new_outbox(accept=None if who.admin else lambda item: who.may_see(item.data.get("owner")))
-    outbox.own(ws)
-    svc.hub.watch(Keys.EVENTS, outbox)
+    accept = None if who.admin else lambda item: who.may_see(item.data.get("owner"))
     try:
-        jobs, _ = svc.list_page(0, 50, None if who.admin else who.name)
-        ws.send(encode({"type": "snapshot", "jobs": jobs}))
-        _pump(ws, outbox, 0, until_final=False)
+        with watch.subscribed(svc.hub, accept=accept) as outbox:
+            outbox.own(ws)
+            jobs, _ = svc.list_page(0, 50, None if who.admin else who.name)
+            ws.send(encode({"type": "snapshot", "jobs": jobs}))
+            _pump(ws, outbox, 0, until_final=False)
     finally:
-        svc.hub.unwatch(Keys.EVENTS, outbox)
-        svc.hub.release()
+        release()
 
 
 def init_app(app: Flask) -> None:
