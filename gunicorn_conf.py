@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tasks.settings import Settings
+
 _dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 _made = not _dir
 if _dir:
@@ -51,7 +53,8 @@ def on_exit(server: Any) -> None:
         shutil.rmtree(_dir, ignore_errors=True)
 
 
-if (os.environ.get("LOG_FORMAT") or "").strip().lower() == "json":
+_settings = Settings.from_env()  # LOG_FORMAT and LOG_LEVEL, parsed where everything else is
+if _settings.log_format == "json":
     # Python warnings (gevent's monkey-patching notes among them) become log records too, so
     # that every line is one JSON object.
     import logging
@@ -63,7 +66,7 @@ if (os.environ.get("LOG_FORMAT") or "").strip().lower() == "json":
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": "tasks.logs.JsonFormatter"}},
         "handlers": {"console": _handler, "error_console": _handler},
-        "root": {"level": (os.environ.get("LOG_LEVEL") or "INFO").upper(), "handlers": ["console"]},
+        "root": {"level": _settings.log_level, "handlers": ["console"]},
         "loggers": {
             "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
             "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},

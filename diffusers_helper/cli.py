@@ -108,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     profile = resolve_profile(args.profile)
     print(f"profile: {profile.name} — {profile.description}", file=sys.stderr)
-    models = Models(profile)
+    models = Models(profile, allow_download=_allow_download())
     out = args.output
     layout = OutputLayout(out.parent if str(out.parent) else Path("."), out.stem)
     if args.previews:
@@ -161,7 +161,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
              "total_second_length": args.seconds, "resolution": args.resolution, "cache": "none"}  # fmt: skip
     params = JobParams(**{k: v for k, v in given.items() if v is not None})
     image = Image.open(args.image).convert("RGB")
-    models = Models(resolve_profile(args.profile))
+    models = Models(resolve_profile(args.profile), allow_download=_allow_download())
     with tempfile.TemporaryDirectory(prefix="framepack-calibrate-") as work:
         result = generate(params, image, models=models, output=OutputLayout(Path(work)), calibrate=True)
     existing = json.loads(args.output.read_text()) if args.output.is_file() else {}
@@ -170,6 +170,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"{params.model.value}: {len(result.calibrated_ratios or [])} ratios at {params.steps} steps -> "
           f"{args.output} (use FRAMEPACK_MAG_RATIOS={args.output})")  # fmt: skip
     return 0
+
+
+def _allow_download() -> bool:
+    """``FRAMEPACK_ALLOW_DOWNLOAD=1``: let the first load fetch missing weights."""
+    return os.environ.get("FRAMEPACK_ALLOW_DOWNLOAD", "") in ("1", "true", "yes")
 
 
 def main(argv: list[str] | None = None) -> int:

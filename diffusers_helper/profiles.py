@@ -18,9 +18,9 @@ The first three load through the same ``from_pretrained`` calls in :class:`Model
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,20 +128,16 @@ def resolve_profile(spec: str = DEFAULT_PROFILE, cache_dir: str | Path | None = 
     raise ValueError(f"unknown model profile {spec!r}: use 'tiny', 'hf', '{RANDOM_FULL}' or an existing directory")
 
 
-def _allow_download() -> bool:
-    """Workers never start a 30 GB download inside a job unless told to.
+def _load_weights(cls: Any, repo: str, subfolder: str | None = None, allow_download: bool = False,
+                  **kwargs: Any) -> Any:  # fmt: skip
+    """``cls.from_pretrained`` with a readable error when the weights are not there.
 
-    Weights come from the Hugging Face cache (``local_files_only``); set
-    ``FRAMEPACK_ALLOW_DOWNLOAD=1`` to let the first load fetch them.  Being explicit also
-    sidesteps a diffusers trap: sharded checkpoints ignore ``HF_HUB_OFFLINE`` and ask the
-    hub for the file list unless ``local_files_only`` is passed.
-    """
-    return os.environ.get("FRAMEPACK_ALLOW_DOWNLOAD", "") in ("1", "true", "yes")
-
-
-def _load(cls: Any, repo: str, subfolder: str | None = None, **kwargs: Any) -> Any:
-    """``cls.from_pretrained`` with a readable error when the weights are not there."""
-    kwargs.setdefault("local_files_only", not _allow_download())
+    Weights come from the Hugging Face cache (``local_files_only``) unless
+    ``allow_download`` (``FRAMEPACK_ALLOW_DOWNLOAD=1``): a worker never starts a 30 GB
+    download inside a job unless told to.  Being explicit also sidesteps a diffusers trap:
+    sharded checkpoints ignore ``HF_HUB_OFFLINE`` and ask the hub for the file list unless
+    ``local_files_only`` is passed."""
+    kwargs.setdefault("local_files_only", not allow_download)
     try:
         if subfolder:
             return cls.from_pretrained(repo, subfolder=subfolder, **kwargs)
@@ -279,6 +275,8 @@ class Models:
     speed: SpeedOptions = EAGER
     #: MagCache ratios per variant name, when calibrated for these weights (else FramePack's).
     mag_ratios: dict[str, list[float]] = field(default_factory=dict)
+    #: Fetch missing weights from the hub (``FRAMEPACK_ALLOW_DOWNLOAD``); else the cache only.
+    allow_download: bool = False
 
     def set_speed(self, requested: SpeedOptions) -> SpeedOptions:
         """Resolve ``auto`` for this machine, check (``SpeedOptionError``), and apply to the
@@ -310,6 +308,7 @@ class Models:
         if p.in_memory:
             self._shared = self._build_in_memory(lambda device: fullsize.build_shared(device, dt))
             return self._shared
+        _load = functools.partial(_load_weights, allow_download=self.allow_download)
         shared = dict(
             text_encoder=_load(LlamaModel, p.base, "text_encoder", torch_dtype=dt),
             tokenizer=_load(LlamaTokenizerFast, p.base, "tokenizer"),
@@ -344,9 +343,10 @@ class Models:
         if self.profile.in_memory:
             t = self._build_in_memory(lambda device: fullsize.build_transformer(device, self.placement.dtype))
         else:
-            t = _load(
+            t = _load_weights(
                 HunyuanVideoFramepackTransformer3DModel,
                 self.profile.transformers[variant],
+                allow_download=self.allow_download,
                 torch_dtype=self.placement.dtype,
             )
             t.eval().requires_grad_(False)

@@ -144,6 +144,9 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     profile: str = DEFAULT_PROFILE
+    #: Let a worker's first load fetch missing weights from the Hugging Face hub (a 30 GB
+    #: download inside a job otherwise never starts: the weights come from its cache).
+    allow_download: bool = False
     #: The longest a job may run; time limits, visibility and consumer timeouts derive from it.
     max_job_seconds: int = 4 * 3600
     #: Finished jobs, their records and files live this long (Celery's result_expires).
@@ -240,6 +243,7 @@ class Settings:
             log_format=_choice(env, "LOG_FORMAT", d.log_format, ("text", "json")),
             log_level=(env.get("LOG_LEVEL") or d.log_level).upper(),
             profile=env.get("FRAMEPACK_PROFILE") or d.profile,
+            allow_download=_flag(env, "FRAMEPACK_ALLOW_DOWNLOAD", d.allow_download),
             max_job_seconds=_num(env, "FRAMEPACK_MAX_JOB_SECONDS", d.max_job_seconds, int),
             result_ttl=_num(env, "FRAMEPACK_RESULT_EXPIRES", d.result_ttl, int),
             progress_interval=_num(env, "FRAMEPACK_PROGRESS_INTERVAL", d.progress_interval),

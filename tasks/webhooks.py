@@ -310,9 +310,10 @@ def _deliverer(app: Any) -> Deliverer:
     """One per process (a fork gets its own Redis and HTTP connections)."""
     pid = os.getpid()
     if pid not in _deliverers:
-        from .settings import connect, current
+        from .settings import connect
+        from .worker import state  # the worker process's settings (read once, at its start)
 
-        s = current()
+        s = state().settings
         _deliverers.clear()
         _deliverers[pid] = Deliverer(connect(s.store_url, s.redis_retry_seconds), s.webhook_secret,
                                      s.webhook_backoff, s.webhook_retry_seconds, dispatcher(app))  # fmt: skip

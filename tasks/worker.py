@@ -171,7 +171,7 @@ def load_models() -> Any:
         t = time.perf_counter()
         profile = resolve_profile(state().settings.profile)
         log.warning("framepack worker: profile %s — %s", profile.name, profile.description)
-        models = Models(profile)
+        models = Models(profile, allow_download=state().settings.allow_download)
         if models.placement.device == "cuda":  # in the pool child: CUDA starts after the fork
             state().gpu_name = torch.cuda.get_device_name()
         models.mag_ratios = _mag_ratios(state().settings.mag_ratios_file)
