@@ -38,10 +38,12 @@ from .protocol import (
     Keys,
     Reason,
     flower_event,
+    latest_seq,
     result_text,
 )
 from .reporter import Reporter
 from .results import StoreUnavailable
+from .snapshot import CacheReport, JobResult
 from .uploader import Uploader
 from .worker import load_models, readable, state
 
@@ -73,14 +75,15 @@ def _cancel_check(job_id: str) -> Any:
 
 
 @shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate_video(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
+def generate_video(self: Task, job_id: str, _params: dict[str, Any] | None = None) -> str | None:
     """Run one job.  Returns the short summary Flower shows; the full final meta is the
-    lifecycle's result document."""
+    lifecycle's result document.  The message carries the job id only: the parameters are
+    the job record's (messages queued before 2026-12-04 also carried them: ignored)."""
     with job_context(job_id):
-        return _deliver(self, job_id, params)
+        return _deliver(self, job_id)
 
 
-def _deliver(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
+def _deliver(self: Task, job_id: str) -> str | None:
     lc = state().lifecycle(self)
     start = lc.start(job_id, worker_name())
     if start.verdict == "ended" and start.record and JobState(start.record["state"]) in TERMINAL:
@@ -95,7 +98,7 @@ def _deliver(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
     record = start.record or {}
     raw = lc.r.get(Keys.celery_meta(job_id))
     previous = ((json.loads(raw) if raw else {}).get("result") or {}) if start.attempts > 1 else {}
-    last_seq = max(record.get("seq", 0), int(previous.get("seq") or 0))
+    last_seq = latest_seq(record, previous)
     reporter = Reporter(self, job_id, lc, record.get("started_at") or time.time(), last_seq,
                         attempts=start.attempts, hostname=self.request.hostname,
                         progress_interval=state().settings.progress_interval, record=record,
@@ -108,7 +111,7 @@ def _deliver(self: Task, job_id: str, params: dict[str, Any]) -> str | None:
     outcome = JobState.FAILED
     log.info("job %s runs on %s (delivery %d)", job_id, worker_name(), start.attempts)
     try:
-        outcome, text = _run(reporter, uploader, lc, job_id, params, record.get("extends"))
+        outcome, text = _run(reporter, uploader, lc, job_id, record.get("params") or {}, record.get("extends"))
     finally:
         reporter.close()
         uploader.release()
@@ -164,25 +167,25 @@ def _run(reporter: Reporter, uploader: Uploader, lc: Lifecycle, job_id: str, par
         lc.finish_patiently(job_id, JobState.FAILED, error=readable(exc), fields=reporter.close())
         return JobState.FAILED, None
 
-    summary = {
-        "video": result.video.name if result.video else None,
-        "frames": result.frames,
-        "seconds": round(result.seconds, 3),
-        "seed": result.seed,
-        "width": result.width,
-        "height": result.height,
-        "sections": result.sections,
-        "timings": result.timings,
-        "cache_skipped_steps": result.cache_skipped_steps,
-        "cache": {"mode": result.cache_mode, "threshold": result.cache_threshold,
-                  "transformer_calls": result.transformer_calls, "skipped": result.cache_skipped_steps},
-        "speed": result.speed,
-        "profile": models.profile.name,
-        "loras": result.loras,
-        "resumed_from_section": result.resumed_from_section,
-        "extends": extends,
-        "extended_sections": result.extended_sections,
-    }
+    summary = JobResult(
+        video=result.video.name if result.video else None,
+        frames=result.frames,
+        seconds=round(result.seconds, 3),
+        seed=result.seed,
+        width=result.width,
+        height=result.height,
+        sections=result.sections,
+        timings=result.timings,
+        cache_skipped_steps=result.cache_skipped_steps,
+        cache=CacheReport(mode=result.cache_mode, threshold=result.cache_threshold,
+                          transformer_calls=result.transformer_calls, skipped=result.cache_skipped_steps),
+        speed=result.speed,
+        profile=models.profile.name,
+        loras=result.loras,
+        resumed_from_section=result.resumed_from_section,
+        extends=extends,
+        extended_sections=result.extended_sections,
+    ).model_dump(exclude={"video_url"})  # fmt: skip
     if result.status == "cancelled":
         lc.finish_patiently(job_id, JobState.CANCELLED, reason=Reason.CANCELLED, result=summary,
                             fields=reporter.close())  # fmt: skip

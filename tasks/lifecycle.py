@@ -46,6 +46,7 @@ from .protocol import (
     celery_document,
     feed_event,
     flower_event,
+    latest_seq,
     make_meta,
 )
 from .settings import Settings
@@ -201,7 +202,7 @@ class Lifecycle:
         view = build_view(rec, None, position=(rank or 0) + 1, alive=False, heartbeat_ttl=self.settings.heartbeat_ttl)
         self.r.publish(Keys.EVENTS, feed_event("submitted", job_id, JobState.QUEUED, summary=summary_of(view),
                                                owner=owner))  # fmt: skip
-        return view
+        return view.wire()
 
     def _check_room(self, r: redis.Redis | redis.client.Pipeline, owner: str | None) -> None:
         """:class:`QueueFull` when everyone's queue (``max_queue``) or the owner's
@@ -297,7 +298,7 @@ class Lifecycle:
             if attempts == 1 and webhooks.wants(rec, "start"):  # once: a redelivery is no new start
                 view = build_view({**rec, **running, "started_at": float(started)}, None, position=None, alive=True,
                                   heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
-                webhooks.log_event(pipe, job_id, "start", webhooks.payload("start", view), rec["seq"], self.ttl)
+                webhooks.log_event(pipe, job_id, "start", webhooks.payload("start", view.wire()), rec["seq"], self.ttl)
             return Start("run", rec, attempts)
 
         position = self.r.zrank(Keys.QUEUED, job_id)
@@ -327,7 +328,7 @@ class Lifecycle:
         view = build_view(rec, (JobState.RUNNING, meta), position=None, alive=True,
                           heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
         p = self.r.pipeline(transaction=True)
-        webhooks.log_event(p, job_id, event, webhooks.payload(event, view), meta.get("seq", 0), self.ttl)
+        webhooks.log_event(p, job_id, event, webhooks.payload(event, view.wire()), meta.get("seq", 0), self.ttl)
         p.execute()
         self.deliver_webhooks(job_id)
 
@@ -378,7 +379,7 @@ class Lifecycle:
             raw = pipe.get(meta_key)
             last = json.loads(raw).get("result") if raw else None
             last = last if isinstance(last, dict) else {}
-            seq = max(rec["seq"], int(last.get("seq") or 0)) + 1
+            seq = latest_seq(rec, last) + 1
             sticky = fields if fields is not None else {k: last[k] for k in STICKY if k in last}
             now = time.time()
             extra: dict[str, Any] = {"finished_at": now, "attempts": rec["attempts"]}
@@ -417,7 +418,7 @@ class Lifecycle:
                                                  left_position=None if position is None else position + 1,
                                                  owner=rec.get("owner")))  # fmt: skip
             if webhooks.wants(rec, "completed"):  # in this transaction: logged exactly once
-                webhooks.log_event(pipe, job_id, "completed", webhooks.payload("completed", view), seq, self.ttl)
+                webhooks.log_event(pipe, job_id, "completed", webhooks.payload("completed", view.wire()), seq, self.ttl)
                 notify.append(job_id)
             return meta
 

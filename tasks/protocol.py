@@ -177,6 +177,12 @@ JOB_FIELDS = (
 
 
 # -- update meta (what the worker writes with update_state) -----------------------------
+def latest_seq(record: dict[str, Any] | None, meta: dict[str, Any] | None) -> int:
+    """A job's ``seq`` so far: the higher of its record's (the lifecycle's writes) and its
+    latest update's (the worker's).  Every update and end takes the next one after it."""
+    return max(int((record or {}).get("seq") or 0), int((meta or {}).get("seq") or 0))
+
+
 def make_meta(
     seq: int,
     state: JobState,

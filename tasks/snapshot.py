@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .protocol import ORIGINAL_STATUS, TERMINAL, JobState
+from .protocol import ORIGINAL_STATUS, TERMINAL, JobState, latest_seq
 
 
 class Links(BaseModel):
@@ -77,10 +77,44 @@ class Webhook(BaseModel):
     deliveries: list[WebhookDelivery] = Field(description="Every event sent or to send, in order, with its attempts")
 
 
+class CacheReport(BaseModel):
+    mode: str = Field(description="none | first_block | mag")
+    threshold: float | None
+    transformer_calls: int
+    skipped: int = Field(description="Transformer calls the step cache skipped")
+
+
+class JobResult(BaseModel):
+    """What a job made: built by the worker (``tasks/job.py``) when the job ends, stored in its
+    record; the snapshot shows it with ``video_url`` instead of the file name ``video``.  Every
+    field may be absent: a cancelled job's result, and records of older workers."""
+
+    model_config = ConfigDict(title="JobResult", extra="allow")  # records of older workers keep theirs
+
+    video: str | None = Field(None, description="The final video's file name in the results store (not in snapshots)")
+    video_url: str | None = Field(None, description="Where to download the final video (succeeded jobs)")
+    frames: int | None = None
+    seconds: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sections: int | None = None
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage; per_step: sampling "
+                                      "seconds per step")  # fmt: skip
+    cache_skipped_steps: int | None = None
+    cache: CacheReport | None = None
+    speed: dict[str, str] | None = Field(None, description="The worker's speed options: compile, quant, attention")
+    profile: str | None = None
+    loras: list[dict[str, Any]] = Field(default_factory=list)
+    resumed_from_section: int | None = Field(None, description="Sections a redelivery restored, not ran again")
+    extends: str | None = None
+    extended_sections: int | None = None
+
+
 class JobView(BaseModel):
     """The snapshot of one job (``GET /api/jobs/<id>``, WebSocket ``snapshot.job``)."""
 
-    model_config = ConfigDict(title="Job")
+    model_config = ConfigDict(title="Job", extra="forbid")  # build_view and this model cannot drift
 
     id: str
     state: JobState
@@ -98,7 +132,7 @@ class JobView(BaseModel):
     eta: float | None
     preview: Preview | None
     sections_done: list[SectionDone]
-    result: dict[str, Any] | None
+    result: JobResult | None
     error: str | None = Field(description="Why a job failed")
     reason: str | None = Field(description="Why a job ended without succeeding (cancelled or failed)")
     created_at: float | None
@@ -114,6 +148,10 @@ class JobView(BaseModel):
     owner: str | None = Field(description="The name of the API token that submitted it (null when the API is open)")
     webhook: Webhook | None
     links: Links
+
+    def wire(self) -> dict[str, Any]:
+        """As clients get it: JSON types, the result without its file name."""
+        return self.model_dump(mode="json", exclude={"result": {"video"}})
 
 
 class JobSummary(BaseModel):
@@ -174,7 +212,7 @@ def build_view(
     heartbeat_ttl: float,
     now: float | None = None,
     deliveries: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
+) -> JobView:
     """The snapshot, from what is stored.  The record's state is the truth once it is
     terminal (the lifecycle writes record and meta together); before that, a terminal meta
     (written by Celery itself: revoke, terminate) wins.  ``deliveries`` is the job's webhook
@@ -196,8 +234,8 @@ def build_view(
         "status": ORIGINAL_STATUS[state],
         "position": position if state is JobState.QUEUED else None,
         "stalled": stalled,
-        "seq": max(meta.get("seq", 0), record.get("seq", 0)),
-        "progress": 1.0 if state is JobState.SUCCEEDED else float(meta.get("progress") or 0.0),
+        "seq": latest_seq(record, meta),
+        "progress": 1.0 if state is JobState.SUCCEEDED else min(1.0, max(0.0, float(meta.get("progress") or 0.0))),
         "stage": meta.get("stage"),
         "message": meta.get("message"),
         "step": meta.get("step"),
@@ -224,7 +262,7 @@ def build_view(
         "webhook": {**hook, "deliveries": deliveries or []} if (hook := record.get("webhook")) else None,
         "links": job_links(job_id),
     }
-    return view
+    return JobView.model_validate(view)
 
 
 class EntryError(BaseModel):
@@ -258,8 +296,9 @@ def batch_links(batch_id: str) -> dict[str, str]:
 SUMMARY_FIELDS = tuple(f for f in JobSummary.model_fields if f != "prompt")
 
 
-def summary_of(view: dict[str, Any]) -> dict[str, Any]:
-    """The list/feed row of a snapshot."""
-    out = {k: view[k] for k in SUMMARY_FIELDS}
-    out["prompt"] = (view.get("params") or {}).get("prompt", "")
+def summary_of(view: JobView | dict[str, Any]) -> dict[str, Any]:
+    """The list/feed row of a snapshot (:class:`JobSummary`, as clients get it)."""
+    wire = view.wire() if isinstance(view, JobView) else view
+    out = {k: wire[k] for k in SUMMARY_FIELDS}
+    out["prompt"] = (wire.get("params") or {}).get("prompt", "")
     return out

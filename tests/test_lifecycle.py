@@ -156,8 +156,7 @@ def test_reading_a_stalled_job_changes_nothing_the_sweep_ends_it(lc, r, settings
     for _ in range(3):
         view = build_view(lc.record(job_id), None, position=None, alive=False, heartbeat_ttl=settings.heartbeat_ttl,
                           now=later)  # fmt: skip
-        JobView.model_validate(view)
-        assert view["state"] == "running" and view["stalled"]
+        assert isinstance(view, JobView) and view.state == "running" and view.stalled
     assert lc.record(job_id) == rec
 
     sweeper = Sweeper(lc, None, lambda _job_id: None)

@@ -91,7 +91,8 @@ class Service:
         view = self.lifecycle.submit(job_id, stored, self.settings.profile, image_png, end_png, batch, extends,
                                      owner=owner, webhook=webhook)  # fmt: skip
         try:
-            self.celery.send_task(TASK_NAME, args=[job_id, stored], task_id=job_id, queue=QUEUE)
+            # the message carries the job id only: the record is the one source of its parameters
+            self.celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUE)
         except Exception:
             self.lifecycle.discard(job_id, owner)
             raise
@@ -216,8 +217,9 @@ class Service:
         if rec is None:
             return None
         latest = parse_celery_payload(meta) if meta is not None else None
-        return build_view(rec, latest, position=None if rank is None else rank + 1, alive=bool(alive),
+        view = build_view(rec, latest, position=None if rank is None else rank + 1, alive=bool(alive),
                           heartbeat_ttl=self.settings.heartbeat_ttl, deliveries=webhooks.deliveries(log))  # fmt: skip
+        return view.wire()
 
     def summary(self, job_id: str) -> dict[str, Any] | None:
         v = self.view(job_id)
