@@ -9,6 +9,7 @@ is what ends stalled jobs).  The models here also generate the OpenAPI schemas
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -279,6 +280,7 @@ class BatchView(BaseModel):
     model_config = ConfigDict(title="Batch")
 
     id: str
+    owner: str | None = Field(description="The name of the API token that submitted it (null when the API is open)")
     created_at: float
     total: int
     counts: dict[str, int]
@@ -286,6 +288,16 @@ class BatchView(BaseModel):
     errors: list[EntryError]
     jobs: list[JobSummary]
     links: dict[str, str]
+
+
+def build_batch(batch_id: str, record: dict[str, str], jobs: list[dict[str, Any]]) -> BatchView:
+    """The batch's snapshot from its record (``fp:batch:<id>``) and its jobs' summaries."""
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job["state"]] = counts.get(job["state"], 0) + 1
+    return BatchView(id=batch_id, owner=record.get("owner") or None, created_at=float(record["created_at"]),
+                     total=len(jobs), counts=counts, done=all(JobState(j["state"]) in TERMINAL for j in jobs),
+                     errors=json.loads(record["errors"]), jobs=jobs, links=batch_links(batch_id))  # fmt: skip
 
 
 def batch_links(batch_id: str) -> dict[str, str]:

@@ -38,7 +38,7 @@ from tasks.protocol import (
 )
 from tasks.results import ResultsStore, open_store
 from tasks.settings import Settings, connect
-from tasks.snapshot import batch_links, build_view, decorate, summary_of
+from tasks.snapshot import build_batch, build_view, decorate, summary_of
 from tasks.sweeper import Broker, Sweeper
 
 from .hub import JobHub
@@ -134,13 +134,7 @@ class Service:
         rec = {k.decode(): v.decode() for k, v in raw.items()}
         ids = [i.decode() for i in self.redis.lrange(Keys.batch_jobs(batch_id), 0, -1)]
         jobs = [s for s in (self.summary(i) for i in ids) if s is not None]
-        counts: dict[str, int] = {}
-        for job in jobs:
-            counts[job["state"]] = counts.get(job["state"], 0) + 1
-        return {"id": batch_id, "owner": rec.get("owner") or None, "created_at": float(rec["created_at"]),
-                "total": len(jobs), "counts": counts,
-                "done": all(JobState(j["state"]) in TERMINAL for j in jobs), "errors": json.loads(rec["errors"]),
-                "jobs": jobs, "links": batch_links(batch_id)}  # fmt: skip
+        return build_batch(batch_id, rec, jobs).model_dump(mode="json")
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any] | None:
         ids = [i.decode() for i in self.redis.lrange(Keys.batch_jobs(batch_id), 0, -1)]
