@@ -33,12 +33,15 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class APIError(RuntimeError):
-    """A 4xx/5xx answer; ``field`` names the offending field when the server said."""
+    """A 4xx/5xx answer; ``field`` names the offending field when the server said.
+    ``not_api``: what answered is not this API (an HTML page, a proxy's error, another
+    service): the URL is probably wrong."""
 
-    def __init__(self, status: int, body: dict[str, Any]):
+    def __init__(self, status: int, body: dict[str, Any], not_api: bool = False):
         self.status = status
         self.body = body
         self.field = body.get("field")
+        self.not_api = not_api
         super().__init__(f"HTTP {status}: {body.get('error', body)}")
 
 
@@ -61,13 +64,18 @@ class FramePackClient:
         self.close()
 
     def _json(self, resp: httpx.Response) -> Any:
+        if not resp.content and resp.status_code < 400:
+            return None
+        try:
+            body = resp.json()
+        except ValueError:
+            kind = resp.headers.get("content-type", "no content type").split(";")[0]
+            raise APIError(resp.status_code, {"error": f"{self.base} answered HTTP {resp.status_code} with {kind}, "
+                                                       "not this API's JSON: is the server URL right?"},
+                           not_api=True) from None  # fmt: skip
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = {"error": resp.text}
-            raise APIError(resp.status_code, body)
-        return resp.json() if resp.content else None
+            raise APIError(resp.status_code, body if isinstance(body, dict) else {"error": str(body)})
+        return body
 
     # -- REST -----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

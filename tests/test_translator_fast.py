@@ -65,3 +65,26 @@ def test_a_snapshot_is_the_model_and_clients_get_the_url_not_the_file_name():
     assert "video" not in wire["result"] and wire["result"]["video_url"] == "/api/jobs/j1/video"
     with pytest.raises(ValidationError):  # the builder and the model cannot drift apart
         JobView.model_validate({**wire, "surprise": 1})
+
+
+FILE_ROUTES = {"`GET /api/jobs/<id>/video`": "/api/jobs/{job_id}/video",
+               "`GET /api/jobs/<id>/sections/<k>`": "/api/jobs/{job_id}/sections/{k}",
+               "`GET /api/jobs/<id>/input`": "/api/jobs/{job_id}/input"}  # fmt: skip
+
+
+def test_the_protocol_docs_error_codes_for_files_are_the_servers(client):
+    import re
+
+    from stack import ROOT
+    from webapp import openapi
+
+    rows = {line.split("|")[1].strip(): line.split("|")[3] for line in (ROOT / "docs/protocol.md").read_text()
+            .splitlines() if line.startswith("| `GET /api/jobs/<id>/")}  # fmt: skip
+    doc = openapi.document()["paths"]
+    for row, path in FILE_ROUTES.items():
+        documented = set(re.findall(r"\b4\d\d\b", rows[row]))
+        served = {code for code in doc[path]["get"]["responses"] if code.startswith("4")}
+        assert documented == served, (row, documented, served)
+    queued = client.post("/api/jobs", data={"image": (io.BytesIO(png_bytes()), "a.png")}).json["id"]
+    resp = client.get(f"/api/jobs/{queued}/video")
+    assert resp.status_code == 409 and resp.json["field"] == "state"  # as the doc says: not succeeded yet
