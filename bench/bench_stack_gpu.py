@@ -72,40 +72,24 @@ def noise_png(width: int, height: int, seed: int = 3) -> bytes:
 
 
 class Watch(threading.Thread):
-    """Every message of one job's WebSocket stream, with its receive time, to the final one."""
+    """Every message of one job's stream (the Python client's WebSocket watch), with its
+    receive time, to the final one."""
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, base: str, job_id: str, timeout: float):
         super().__init__(daemon=True)
-        self.url, self.timeout = url, timeout
+        self.base, self.job_id, self.timeout = base, job_id, timeout
         self.messages: list[tuple[float, dict[str, Any]]] = []
         self.error: str | None = None
 
     def run(self) -> None:
-        import simple_websocket
+        from framepack_client import FramePackClient
 
         try:
-            ws = simple_websocket.Client.connect(self.url)
+            with FramePackClient(self.base, timeout=self.timeout) as client:
+                for msg in client.watch(self.job_id, reconnect=False):
+                    self.messages.append((time.time(), msg))
         except Exception as exc:  # noqa: BLE001
             self.error = repr(exc)
-            return
-        deadline = time.monotonic() + self.timeout
-        try:
-            while time.monotonic() < deadline:
-                raw = ws.receive(timeout=1)
-                if raw is None:
-                    continue
-                msg = json.loads(raw)
-                self.messages.append((time.time(), msg))
-                if msg.get("type") == "final":
-                    return
-            self.error = f"no final message in {self.timeout} s"
-        except simple_websocket.ConnectionClosed as exc:
-            self.error = f"closed: {exc.reason} {exc.message}"
-        finally:
-            try:
-                ws.close()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -121,7 +105,7 @@ def run_job(base: str, form: dict[str, str], png: bytes, timeout: float) -> dict
     if r.status_code != 202:
         return {"form": form, "error": f"submit {r.status_code}: {r.text[:300]}"}
     job = r.json()
-    watch = Watch(base.replace("http", "ws", 1) + job["links"]["ws"], timeout)
+    watch = Watch(base, job["id"], timeout)
     watch.start()
     watch.join(timeout + 5)
     done = time.time()
