@@ -50,7 +50,7 @@ from .protocol import (
     make_meta,
 )
 from .settings import Settings
-from .snapshot import build_view, summary_of
+from .snapshot import build_snapshot, summary_of
 
 log = logging.getLogger("framepack.lifecycle")
 
@@ -199,7 +199,8 @@ class Lifecycle:
             self.count_refusal(exc.scope)
             raise
         rec = decode_record(record) or {}
-        view = build_view(rec, None, position=(rank or 0) + 1, alive=False, heartbeat_ttl=self.settings.heartbeat_ttl)
+        view = build_snapshot(rec, None, position=(rank or 0) + 1, alive=False,
+                              heartbeat_ttl=self.settings.heartbeat_ttl)
         self.r.publish(Keys.EVENTS, feed_event("submitted", job_id, JobState.QUEUED, summary=summary_of(view),
                                                owner=owner))  # fmt: skip
         return view.wire()
@@ -296,7 +297,7 @@ class Lifecycle:
             pipe.zadd(Keys.RUNNING, {job_id: float(now)})
             pipe.set(beat, worker, ex=self.settings.heartbeat_ttl)
             if attempts == 1 and webhooks.wants(rec, "start"):  # once: a redelivery is no new start
-                view = build_view({**rec, **running, "started_at": float(started)}, None, position=None, alive=True,
+                view = build_snapshot({**rec, **running, "started_at": float(started)}, None, position=None, alive=True,
                                   heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
                 webhooks.log_event(pipe, job_id, "start", webhooks.payload("start", view.wire()), rec["seq"], self.ttl)
             return Start("run", rec, attempts)
@@ -325,7 +326,7 @@ class Lifecycle:
         rec = self.record(job_id)
         if rec is None or not webhooks.wants(rec, event):
             return
-        view = build_view(rec, (JobState.RUNNING, meta), position=None, alive=True,
+        view = build_snapshot(rec, (JobState.RUNNING, meta), position=None, alive=True,
                           heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
         p = self.r.pipeline(transaction=True)
         webhooks.log_event(p, job_id, event, webhooks.payload(event, view.wire()), meta.get("seq", 0), self.ttl)
@@ -398,7 +399,7 @@ class Lifecycle:
             if reason is not None:
                 record["reason"] = reason
             position = pipe.zrank(Keys.QUEUED, job_id)
-            view = build_view({**rec, **record, "finished_at": now, "result": result}, (state, meta), position=None,
+            view = build_snapshot({**rec, **record, "finished_at": now, "result": result}, (state, meta), position=None,
                               alive=False, heartbeat_ttl=self.settings.heartbeat_ttl)  # fmt: skip
             pipe.multi()
             pipe.hset(key, mapping=record)

@@ -1,7 +1,7 @@
 """What a client sees of a job: the typed snapshot and summary (torch- and Flask-free).
 
 A snapshot merges the job record (``fp:job:<id>``), the latest worker update (Celery's
-``celery-task-meta-<id>``) and the queue position.  :func:`build_view` is a pure function
+``celery-task-meta-<id>``) and the queue position.  :func:`build_snapshot` is a pure function
 of those: reading a job never changes it (the background sweep in :mod:`tasks.sweeper`
 is what ends stalled jobs).  The models here also generate the OpenAPI schemas
 (``webapp/openapi.py``), so the document and the replies cannot drift apart.
@@ -112,10 +112,10 @@ class JobResult(BaseModel):
     extended_sections: int | None = None
 
 
-class JobView(BaseModel):
+class JobSnapshot(BaseModel):
     """The snapshot of one job (``GET /api/jobs/<id>``, WebSocket ``snapshot.job``)."""
 
-    model_config = ConfigDict(title="Job", extra="forbid")  # build_view and this model cannot drift
+    model_config = ConfigDict(title="Job", extra="forbid")  # build_snapshot and this model cannot drift
 
     id: str
     state: JobState
@@ -204,7 +204,7 @@ def decorate(job_id: str, meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_view(
+def build_snapshot(
     record: dict[str, Any],
     latest: tuple[JobState, dict[str, Any]] | None,
     *,
@@ -213,7 +213,7 @@ def build_view(
     heartbeat_ttl: float,
     now: float | None = None,
     deliveries: list[dict[str, Any]] | None = None,
-) -> JobView:
+) -> JobSnapshot:
     """The snapshot, from what is stored.  The record's state is the truth once it is
     terminal (the lifecycle writes record and meta together); before that, a terminal meta
     (written by Celery itself: revoke, terminate) wins.  ``deliveries`` is the job's webhook
@@ -263,7 +263,7 @@ def build_view(
         "webhook": {**hook, "deliveries": deliveries or []} if (hook := record.get("webhook")) else None,
         "links": job_links(job_id),
     }
-    return JobView.model_validate(view)
+    return JobSnapshot.model_validate(view)
 
 
 class EntryError(BaseModel):
@@ -274,7 +274,7 @@ class EntryError(BaseModel):
     message: str
 
 
-class BatchView(BaseModel):
+class BatchSnapshot(BaseModel):
     """A batch (``GET /api/batches/<id>``): its jobs, and how many are in each state."""
 
     model_config = ConfigDict(title="Batch")
@@ -290,12 +290,12 @@ class BatchView(BaseModel):
     links: dict[str, str]
 
 
-def build_batch(batch_id: str, record: dict[str, str], jobs: list[dict[str, Any]]) -> BatchView:
+def build_batch(batch_id: str, record: dict[str, str], jobs: list[dict[str, Any]]) -> BatchSnapshot:
     """The batch's snapshot from its record (``fp:batch:<id>``) and its jobs' summaries."""
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job["state"]] = counts.get(job["state"], 0) + 1
-    return BatchView(id=batch_id, owner=record.get("owner") or None, created_at=float(record["created_at"]),
+    return BatchSnapshot(id=batch_id, owner=record.get("owner") or None, created_at=float(record["created_at"]),
                      total=len(jobs), counts=counts, done=all(JobState(j["state"]) in TERMINAL for j in jobs),
                      errors=json.loads(record["errors"]), jobs=jobs, links=batch_links(batch_id))  # fmt: skip
 
@@ -308,9 +308,9 @@ def batch_links(batch_id: str) -> dict[str, str]:
 SUMMARY_FIELDS = tuple(f for f in JobSummary.model_fields if f != "prompt")
 
 
-def summary_of(view: JobView | dict[str, Any]) -> dict[str, Any]:
+def summary_of(view: JobSnapshot | dict[str, Any]) -> dict[str, Any]:
     """The list/feed row of a snapshot (:class:`JobSummary`, as clients get it)."""
-    wire = view.wire() if isinstance(view, JobView) else view
+    wire = view.wire() if isinstance(view, JobSnapshot) else view
     out = {k: wire[k] for k in SUMMARY_FIELDS}
     out["prompt"] = (wire.get("params") or {}).get("prompt", "")
     return out

@@ -13,7 +13,7 @@ import redis
 
 from tasks.lifecycle import Lifecycle, new_job_id, worker_name
 from tasks.protocol import JobState, Keys, Reason
-from tasks.snapshot import JobView, build_view
+from tasks.snapshot import JobSnapshot, build_snapshot
 from tasks.sweeper import Broker, Sweeper
 
 
@@ -154,9 +154,9 @@ def test_reading_a_stalled_job_changes_nothing_the_sweep_ends_it(lc, r, settings
     rec = lc.record(job_id)
     later = rec["started_at"] + settings.heartbeat_ttl + 1
     for _ in range(3):
-        view = build_view(lc.record(job_id), None, position=None, alive=False, heartbeat_ttl=settings.heartbeat_ttl,
+        view = build_snapshot(lc.record(job_id), None, position=None, alive=False, heartbeat_ttl=settings.heartbeat_ttl,
                           now=later)  # fmt: skip
-        assert isinstance(view, JobView) and view.state == "running" and view.stalled
+        assert isinstance(view, JobSnapshot) and view.state == "running" and view.stalled
     assert lc.record(job_id) == rec
 
     sweeper = Sweeper(lc, None, lambda _job_id: None)

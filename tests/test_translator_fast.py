@@ -1,6 +1,6 @@
 """The original API as a translator, and the typed snapshot, without servers (the fast lane's
 embedded Valkey only): its ranges are our schema's, its words one table, its errors FastAPI's;
-a snapshot is the JobView model, and what clients get of it."""
+a snapshot is the JobSnapshot model, and what clients get of it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from diffusers_helper.params import JobParams, bounds
 from tasks.protocol import ORIGINAL_STATUS, JobState
-from tasks.snapshot import JobView, build_view
+from tasks.snapshot import JobSnapshot, build_snapshot
 from webapp.original import OURS, original_word
 
 from .conftest import png_bytes
@@ -58,13 +58,13 @@ def _record(**extra) -> dict:
 
 
 def test_a_snapshot_is_the_model_and_clients_get_the_url_not_the_file_name():
-    view = build_view(_record(), None, position=None, alive=False, heartbeat_ttl=20)
-    assert isinstance(view, JobView) and view.result.frames == 37
+    view = build_snapshot(_record(), None, position=None, alive=False, heartbeat_ttl=20)
+    assert isinstance(view, JobSnapshot) and view.result.frames == 37
     wire = view.wire()
     assert wire["state"] == "succeeded" and wire["status"] == "completed" and wire["progress"] == 1.0
     assert "video" not in wire["result"] and wire["result"]["video_url"] == "/api/jobs/j1/video"
     with pytest.raises(ValidationError):  # the builder and the model cannot drift apart
-        JobView.model_validate({**wire, "surprise": 1})
+        JobSnapshot.model_validate({**wire, "surprise": 1})
 
 
 FILE_ROUTES = {"`GET /api/jobs/<id>/video`": "/api/jobs/{job_id}/video",

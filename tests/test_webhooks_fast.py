@@ -14,7 +14,7 @@ from standardwebhooks import Webhook
 from tasks.lifecycle import Lifecycle, new_job_id, worker_name
 from tasks.protocol import JobState, Keys, make_meta
 from tasks.settings import Settings
-from tasks.snapshot import JobView, build_view
+from tasks.snapshot import JobSnapshot, build_snapshot
 from tasks.sweeper import Sweeper
 from tasks.webhooks import RECOVER_AFTER, Deliverer, WebhookRefused, check_url, deliveries
 
@@ -114,7 +114,7 @@ def test_each_transition_logs_its_event_once_without_the_preview(lc, r):
     assert [b["data"]["state"] for b in bodies] == ["running", "running", "running", "succeeded"]
     assert [len(b["data"]["sections_done"]) for b in bodies] == [0, 1, 2, 2]
     assert all("preview" not in b["data"] and "webhook" not in b["data"] for b in bodies)
-    JobView.model_validate({**bodies[-1]["data"], "preview": None, "webhook": None})  # the snapshot's shape
+    JobSnapshot.model_validate({**bodies[-1]["data"], "preview": None, "webhook": None})  # the snapshot's shape
     assert bodies[-1]["data"]["owner"] == "ann" and bodies[-1]["data"]["result"]["frames"] == 73
     assert lc.dispatch == [(job_id, 0.0)] * 4
 
@@ -177,9 +177,9 @@ def test_the_snapshot_shows_every_attempt(lc, r, settings):
         job_id = _job(lc, rx.url, ["completed"])
         _run_through(lc, job_id, sections=1)
         assert Deliverer(r, SECRET, 0.05, 60, Dispatched()).run(job_id) == "retrying"
-    view = build_view(lc.record(job_id), None, position=None, alive=False, heartbeat_ttl=3,
+    view = build_snapshot(lc.record(job_id), None, position=None, alive=False, heartbeat_ttl=3,
                       deliveries=deliveries(r.lrange(Keys.webhook_log(job_id), 0, -1)))  # fmt: skip
-    hook = JobView.model_validate(view).webhook
+    hook = JobSnapshot.model_validate(view).webhook
     assert hook.url == rx.url and hook.events == ["completed"]
     (delivery,) = hook.deliveries
     assert delivery.state == "pending" and delivery.attempts[0].status == 500 and delivery.next_at > time.time() - 1

@@ -26,7 +26,7 @@ from tasks.webhooks import WebhookRefused, WebhookSpec, check_url
 from . import sse
 from .auth import Principal, principal, tokens
 from .errors import ApiError, from_image, from_validation, not_found
-from .jobs import queue_refusal, serve_file, service, visible_owner, visible_view
+from .jobs import queue_refusal, serve_file, service, visible_owner, visible_snapshot
 from .offload import off_loop
 from .uploads import ImageError, decode_base64, normalise
 
@@ -248,9 +248,9 @@ def list_jobs() -> Response:
     return jsonify({"jobs": jobs, "total": total, "offset": offset, "limit": limit, "next": nxt})
 
 
-def view_or_404(job_id: str) -> dict[str, Any]:
+def snapshot_or_404(job_id: str) -> dict[str, Any]:
     """The job's snapshot, if it exists and the caller may see it (else 404 either way)."""
-    view = visible_view(job_id)
+    view = visible_snapshot(job_id)
     if view is None:
         raise not_found()
     return view
@@ -258,20 +258,20 @@ def view_or_404(job_id: str) -> dict[str, Any]:
 
 @bp.get("/api/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(view_or_404(job_id))
+    return jsonify(snapshot_or_404(job_id))
 
 
 @bp.get("/api/jobs/<job_id>/events")
 def job_events(job_id: str) -> Response:
     """The job's messages as server-sent events (the WebSocket stream's, one per event)."""
-    view_or_404(job_id)
+    snapshot_or_404(job_id)
     release = sse.admit(service().hub, lambda message, headers: ApiError(503, message, headers=headers))
     return sse.stream(sse.job_events(service(), job_id, sse.connection(request)), release)
 
 
 @bp.post("/api/jobs/<job_id>/cancel")
 def cancel_job(job_id: str) -> Response:
-    view = view_or_404(job_id)
+    view = snapshot_or_404(job_id)
     if JobState(view["state"]) in TERMINAL:
         raise ApiError(409, f"state: the job already {view['state']}", "state")
     resp = jsonify(service().cancel(job_id))
@@ -282,7 +282,7 @@ def cancel_job(job_id: str) -> Response:
 @bp.post("/api/jobs/<job_id>/extend")
 def extend_job(job_id: str) -> Response:
     """Continue a succeeded job's video forward (F1, from its last section checkpoint)."""
-    view = view_or_404(job_id)
+    view = snapshot_or_404(job_id)
     body = json_body() if request.mimetype == "application/json" else request.form.to_dict()
     if not isinstance(body, dict):
         raise ApiError(400, "body: a JSON object (or a form) with seconds", "body")
@@ -307,7 +307,7 @@ def extend_job(job_id: str) -> Response:
 
 @bp.delete("/api/jobs/<job_id>")
 def delete_job(job_id: str) -> Response:
-    view = view_or_404(job_id)
+    view = snapshot_or_404(job_id)
     if JobState(view["state"]) not in TERMINAL:
         raise ApiError(409, "state: only finished jobs can be deleted; cancel it first", "state")
     service().delete(job_id)
@@ -326,7 +326,7 @@ def _mp4(job_id: str, name: str | None) -> Response:
 
 @bp.get("/api/jobs/<job_id>/video")
 def job_video(job_id: str) -> Response:
-    view = view_or_404(job_id)
+    view = snapshot_or_404(job_id)
     if view["state"] != JobState.SUCCEEDED.value:
         raise ApiError(409, f"state: no final video, the job is {view['state']}", "state")
     record = service().record(job_id) or {}
@@ -335,8 +335,8 @@ def job_video(job_id: str) -> Response:
 
 @bp.get("/api/jobs/<job_id>/sections/<int:k>")
 def job_section(job_id: str, k: int) -> Response:
-    view = view_or_404(job_id)
-    latest = service().latest_meta(job_id)
+    view = snapshot_or_404(job_id)
+    latest = service().latest_update(job_id)
     done = latest[1].get("sections_done", []) if latest else []
     name = next((s["file"] for s in done if s.get("section") == k), None)
     if name is None and JobState(view["state"]) not in TERMINAL and k >= 1 and k <= (view["sections"] or k):
@@ -346,7 +346,7 @@ def job_section(job_id: str, k: int) -> Response:
 
 @bp.get("/api/jobs/<job_id>/input")
 def job_input(job_id: str) -> Response:
-    view_or_404(job_id)
+    snapshot_or_404(job_id)
     data = service().read_input(job_id)  # in Redis while the job is queued or running
     if data is not None:
         return Response(data, mimetype="image/png")
@@ -424,7 +424,7 @@ def create_batch() -> Response:
 
 def batch_or_404(batch_id: str) -> dict[str, Any]:
     """The batch, if it exists and the caller may see it (else 404 either way)."""
-    view = service().batch_view(batch_id)
+    view = service().batch_snapshot(batch_id)
     if view is None or not principal().may_see(view.get("owner")):
         raise not_found("batch", "batch_id")
     return view

@@ -3,7 +3,7 @@ the original FramePack API's routes (:mod:`webapp.original`), which translate th
 shapes and words around these calls.
 
 - :func:`service`: this web process's :class:`webapp.service.Service`;
-- who sees which job (:func:`visible_view`, :func:`visible_owner`): a caller sees its own
+- who sees which job (:func:`visible_snapshot`, :func:`visible_owner`): a caller sees its own
   jobs, an admin every job; another's job is "not found", so ids do not leak;
 - a job's files (:func:`input_png`, :func:`final_video`, :func:`serve_file`): from Redis
   while the job is queued or running, from the results store after;
@@ -37,9 +37,9 @@ def visible_owner(who: Principal | None = None) -> str | None:
     return None if who.admin else who.name
 
 
-def visible_view(job_id: str) -> dict[str, Any] | None:
+def visible_snapshot(job_id: str) -> dict[str, Any] | None:
     """The job's snapshot, if it exists and the caller may see it (else None either way)."""
-    view = service().view(job_id)
+    view = service().snapshot(job_id)
     return view if view is not None and principal().may_see(view.get("owner")) else None
 
 

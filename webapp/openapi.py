@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel
 
 from diffusers_helper.params import ExtendParams, JobParams
-from tasks.snapshot import BatchView, JobList, JobView
+from tasks.snapshot import BatchSnapshot, JobList, JobSnapshot
 from tasks.webhooks import WebhookSpec
 
 from .errors import ErrorBody
@@ -150,10 +150,10 @@ def document(auth_required: bool = False, webhook_allow: tuple[str, ...] = (),
     defs: dict[str, Any] = {}
     schemas = {
         "JobParams": _schema(JobParams, defs),
-        "Job": _schema(JobView, defs),
+        "Job": _schema(JobSnapshot, defs),
         "JobList": _schema(JobList, defs),
         "Error": _schema(ErrorBody, defs),
-        "Batch": _schema(BatchView, defs),
+        "Batch": _schema(BatchSnapshot, defs),
         "ExtendParams": _schema(ExtendParams, defs),
         "LegacyError": {"type": "object", "required": ["detail"], "properties": {"detail": {"anyOf": [
             {"type": "string"}, {"type": "array", "items": {"type": "object", "required": ["loc", "msg", "type"]}}]}}},

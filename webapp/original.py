@@ -43,7 +43,7 @@ from .api import parse_webhook
 from .auth import principal
 from .errors import ApiError
 from .framing import KEEP_ALIVE_EVENT, sse_event
-from .jobs import final_video, input_png, queue_refusal, serve_file, service, visible_owner, visible_view
+from .jobs import final_video, input_png, queue_refusal, serve_file, service, visible_owner, visible_snapshot
 from .offload import off_loop
 from .uploads import ImageError, normalise
 
@@ -247,7 +247,7 @@ def original_status(view: dict[str, Any]) -> dict[str, Any]:
 
 @bp.get("/status/<job_id>")
 def status(job_id: str) -> Response:
-    view = visible_view(job_id)
+    view = visible_snapshot(job_id)
     if view is None:
         raise OriginalError(404, "Job not found")
     return jsonify(original_status(view))
@@ -255,7 +255,7 @@ def status(job_id: str) -> Response:
 
 @bp.get("/result/<job_id>")
 def result(job_id: str) -> Response:
-    view = visible_view(job_id)
+    view = visible_snapshot(job_id)
     if view is None:
         raise OriginalError(404, f"Job '{job_id}' not found or result file does not exist.")
     if view["state"] != JobState.SUCCEEDED.value:
@@ -268,7 +268,7 @@ def result(job_id: str) -> Response:
 
 @bp.get("/download/video/<job_id>")
 def download_video(job_id: str) -> Response:
-    view = visible_view(job_id)
+    view = visible_snapshot(job_id)
     name = final_video(view)
     if name is None:
         if view is None:
@@ -279,7 +279,7 @@ def download_video(job_id: str) -> Response:
 
 @bp.get("/input_image/<job_id>")
 def input_image(job_id: str) -> Response:
-    png = input_png(job_id) if visible_view(job_id) else None
+    png = input_png(job_id) if visible_snapshot(job_id) else None
     if png is None:
         raise OriginalError(404, f"Job '{job_id}' not found and input image file does not exist.")
     from PIL import Image
@@ -292,7 +292,7 @@ def input_image(job_id: str) -> Response:
 
 @bp.post("/cancel/<job_id>")
 def cancel(job_id: str) -> Response:
-    view = visible_view(job_id)
+    view = visible_snapshot(job_id)
     if view is None:
         raise OriginalError(404, "Job not found")
     if JobState(view["state"]) in TERMINAL:
@@ -310,7 +310,7 @@ def queue() -> Response:
     jobs, _ = service().list_page(0, QUEUE_LISTED, visible_owner())
     rows = []
     for summary in reversed(jobs):  # oldest first, as the fork's queue file
-        view = visible_view(summary["id"])
+        view = visible_snapshot(summary["id"])
         if view is None:
             continue
         st = original_status(view)
@@ -353,7 +353,7 @@ def video_file(filename: str) -> Response:
         raise OriginalError(400, "Invalid filename.")
     if not filename.lower().endswith(".mp4"):
         raise OriginalError(400, "Invalid file type, only MP4 is supported.")
-    view = visible_view(filename[: -len(".mp4")])
+    view = visible_snapshot(filename[: -len(".mp4")])
     name = final_video(view)
     if view is None or name is None:
         raise OriginalError(404, "Video file not found")
@@ -390,11 +390,11 @@ def stream(job_id: str) -> Response:
     svc = service()
 
     def events() -> Iterator[str]:
-        if visible_view(job_id) is None:
+        if visible_snapshot(job_id) is None:
             yield sse_event("status", {"status": "error", "message": "Job not found or cleaned up."})
             return
         with watch.subscribed(svc.hub, job_id) as outbox:
-            view = svc.view(job_id)
+            view = svc.snapshot(job_id)
             pending = watch.updates(outbox, view["seq"])
             last_body = None
             while True:
@@ -416,6 +416,6 @@ def stream(job_id: str) -> Response:
                     return  # overflow: a client this far behind reconnects and starts from a fresh status
                 view = {**view, **item.data, "id": job_id}
                 if JobState(view["state"]) in TERMINAL:
-                    view = svc.view(job_id) or view  # the record has the reason and the result
+                    view = svc.snapshot(job_id) or view  # the record has the reason and the result
 
     return sse.stream(events(), _admit())

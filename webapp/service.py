@@ -38,7 +38,7 @@ from tasks.protocol import (
 )
 from tasks.results import ResultsStore, open_store
 from tasks.settings import Settings, connect
-from tasks.snapshot import build_batch, build_view, decorate, summary_of
+from tasks.snapshot import build_batch, build_snapshot, decorate, summary_of
 from tasks.sweeper import Broker, Sweeper
 
 from .hub import JobHub
@@ -106,7 +106,7 @@ class Service:
         rec = self.lifecycle.record(job_id)
         if rec and rec["state"] == JobState.QUEUED.value:
             self.lifecycle.finish(job_id, JobState.CANCELLED, reason=Reason.CANCELLED)
-        return self.view(job_id)
+        return self.snapshot(job_id)
 
     def submit_batch(self, entries: list[tuple[int, JobParams, bytes, bytes | None, dict[str, Any] | None]],
                      errors: list[dict[str, Any]], *, owner: str | None = None) -> dict[str, Any]:  # fmt: skip
@@ -125,9 +125,9 @@ class Service:
                     raise
                 errors.append({"index": index, "field": "queue", "message": str(exc)})
         self.lifecycle.record_batch(batch_id, job_ids, sorted(errors, key=lambda e: e["index"]), owner=owner)
-        return self.batch_view(batch_id)
+        return self.batch_snapshot(batch_id)
 
-    def batch_view(self, batch_id: str) -> dict[str, Any] | None:
+    def batch_snapshot(self, batch_id: str) -> dict[str, Any] | None:
         raw = self.redis.hgetall(Keys.batch(batch_id))
         if not raw:
             return None
@@ -139,10 +139,10 @@ class Service:
     def cancel_batch(self, batch_id: str) -> dict[str, Any] | None:
         ids = [i.decode() for i in self.redis.lrange(Keys.batch_jobs(batch_id), 0, -1)]
         for job_id in ids:
-            view = self.view(job_id)
+            view = self.snapshot(job_id)
             if view is not None and JobState(view["state"]) not in TERMINAL:
                 self.cancel(job_id)
-        return self.batch_view(batch_id)
+        return self.batch_snapshot(batch_id)
 
     def has_checkpoint(self, job_id: str) -> bool:
         """Whether the job's last section checkpoint is in the results store (what an
@@ -187,19 +187,19 @@ class Service:
     def record(self, job_id: str) -> dict[str, Any] | None:
         return self.lifecycle.record(job_id)
 
-    def latest_meta(self, job_id: str) -> tuple[JobState, dict[str, Any]] | None:
+    def latest_update(self, job_id: str) -> tuple[JobState, dict[str, Any]] | None:
         raw = self.redis.get(Keys.celery_meta(job_id))
         return None if raw is None else parse_celery_payload(raw)
 
     def final_message(self, job_id: str, view: dict[str, Any]) -> dict[str, Any]:
         """The ``final`` message for a job already over when a watcher arrives: the worker's
         own last meta when it has one (result, reason), else the record's snapshot."""
-        latest = self.latest_meta(job_id)
+        latest = self.latest_update(job_id)
         final = decorate(job_id, latest[1]) if latest and latest[0] in TERMINAL else {**view, "seq": view["seq"]}
         return {"type": "final", "job_id": job_id, **final}
 
-    def view(self, job_id: str) -> dict[str, Any] | None:
-        """The snapshot of a job (:class:`tasks.snapshot.JobView`); None if unknown."""
+    def snapshot(self, job_id: str) -> dict[str, Any] | None:
+        """The snapshot of a job (:class:`tasks.snapshot.JobSnapshot`); None if unknown."""
         p = self.redis.pipeline(transaction=False)
         p.hgetall(Keys.job(job_id))
         p.get(Keys.celery_meta(job_id))
@@ -211,12 +211,12 @@ class Service:
         if rec is None:
             return None
         latest = parse_celery_payload(meta) if meta is not None else None
-        view = build_view(rec, latest, position=None if rank is None else rank + 1, alive=bool(alive),
+        view = build_snapshot(rec, latest, position=None if rank is None else rank + 1, alive=bool(alive),
                           heartbeat_ttl=self.settings.heartbeat_ttl, deliveries=webhooks.deliveries(log))  # fmt: skip
         return view.wire()
 
     def summary(self, job_id: str) -> dict[str, Any] | None:
-        v = self.view(job_id)
+        v = self.snapshot(job_id)
         return None if v is None else summary_of(v)
 
     def list_page(self, offset: int, limit: int, owner: str | None = None) -> tuple[list[dict[str, Any]], int]:

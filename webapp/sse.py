@@ -81,7 +81,7 @@ def job_events(svc: Any, job_id: str, conn: tuple[Any, bool] | None = None) -> I
     """Our job stream's events (the caller has checked the job exists and may be seen);
     ``conn``: see :func:`connection`."""
     with watch.subscribed(svc.hub, job_id) as outbox:
-        view = svc.view(job_id)
+        view = svc.snapshot(job_id)
         yield sse_event("snapshot", encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}),
                         view["seq"])  # fmt: skip
         if JobState(view["state"]) in TERMINAL:

@@ -169,7 +169,7 @@ def _job_stream(ws: Any, svc: Service, job_id: str) -> None:
     _limit_send_buffer(ws)
     with watch.subscribed(svc.hub, job_id) as outbox:
         outbox.own(ws)
-        view = svc.view(job_id)
+        view = svc.snapshot(job_id)
         ws.send(encode({"type": "snapshot", "job_id": job_id, "seq": view["seq"], "job": view}))
         if JobState(view["state"]) in TERMINAL:
             ws.send(encode(svc.final_message(job_id, view)))
