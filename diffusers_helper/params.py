@@ -101,7 +101,8 @@ class JobParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False)
 
-    prompt: str = Field("", title="Prompt", max_length=4000, description="What the video should show.")
+    prompt: str = Field("", title="Prompt", max_length=4000, description='What the video should show. To change it '
+                        'over time, give each part a start: "[0s: a cat sits] [2s: the cat jumps]".')  # fmt: skip
     n_prompt: str = Field(
         "", title="Negative prompt", max_length=4000, description="Negative prompt; used only when cfg > 1."
     )
@@ -153,7 +154,9 @@ class JobParams(BaseModel):
         description="Higher skips more. Absent: first_block 0.15, mag 0.1.",
     )
     mp4_crf: int = Field(16, title="MP4 CRF", ge=0, le=51, description="H.264 CRF of the output mp4.")
-    model: Variant = Field(Variant.FRAMEPACK, title="Model", description="Model variant.")
+    model: Variant = Field(Variant.FRAMEPACK, title="Model", description="framepack: the original, sampled from the "
+                           "end backwards (takes an end image); framepack-f1: forward, livelier motion, can be "
+                           "extended.")  # fmt: skip
     resolution: int | None = Field(
         None,
         title="Resolution (bucket base)",

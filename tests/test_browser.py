@@ -99,20 +99,18 @@ def test_submit_watch_reload_and_play(live, browser, image_file, artifacts):
     page.wait_for_url(re.compile(r".*/jobs/[^/]+$"))
     job_url = page.url
 
-    page.evaluate(
-        """() => { window.__srcs = new Set();
-            const img = document.querySelector('#preview-strip');
-            new MutationObserver(() => window.__srcs.add(img.src))
-              .observe(img, {attributes: true, attributeFilter: ['src']}); }"""
-    )
-    page.wait_for_function("window.__srcs.size >= 3", timeout=LONG)  # the preview changed at least twice
+    # the canvas counts the preview images it was given: the preview changed at least twice
+    page.wait_for_function("Number(document.querySelector('#preview-canvas').dataset.previews || 0) >= 3",
+                           timeout=LONG)  # fmt: skip
     page.screenshot(path=artifacts / "job-running.png", full_page=True)
 
     page.reload()  # mid-run: the page must pick the job up again from its URL
     page.wait_for_selector("body[data-ready=true]")
     assert page.url == job_url
     expect(page.locator("#job-state")).to_contain_text("running")
-    expect(page.locator("#preview-strip")).to_be_visible(timeout=LONG)
+    page.wait_for_function("Number(document.querySelector('#preview-canvas').dataset.previews || 0) >= 1",
+                           timeout=LONG)  # fmt: skip
+    expect(page.locator("#preview-canvas")).to_be_visible()
 
     expect(page.locator("#final")).to_be_visible(timeout=LONG)
     expect(page.locator("#job-state")).to_contain_text("succeeded")
@@ -242,4 +240,91 @@ def test_a_token_is_asked_for_kept_for_the_session_and_used_everywhere(secured, 
     other.close()
     page.click("#sign-out")
     expect(page.locator("#token-view")).to_be_visible()
+    page.close()
+
+
+OVERFLOW = """() => { const w = document.documentElement.clientWidth;
+    const wide = [...document.querySelectorAll('body *')].filter((e) => {
+        const r = e.getBoundingClientRect(); return r.width > 0 && r.right > w + 1; });
+    return {scroll: document.documentElement.scrollWidth, width: w,
+            wide: wide.slice(0, 5).map((e) => e.tagName + '#' + e.id + '.' + e.className)}; }"""
+
+
+def _fits(page, what: str) -> None:
+    got = page.evaluate(OVERFLOW)
+    assert got["scroll"] <= got["width"] and not got["wide"], (what, got)
+
+
+@pytest.mark.parametrize("width", [390, 320])
+def test_a_phone_sees_every_page_without_sideways_scrolling(live, browser, image_file, artifacts, width):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": width, "height": 800})
+    long_prompt = "a glowing orb drifts " * 12 + "andaverylongwordwithoutanyspacesthatmustwrapsomewhere" * 2
+    _open(page, live.base + "/")
+    page.fill("#f-prompt", long_prompt + " [0s: it rises] [1s: it falls]")
+    expect(page.locator("#prompt-schedule li")).to_have_count(2)  # the timestamps, resolved as typed
+    page.set_input_files("#image", str(image_file))
+    _fits(page, f"form at {width}")
+    page.fill("#f-total_second_length", "2")
+    if not page.is_visible("#f-steps"):
+        page.click("#advanced summary")
+    page.fill("#f-steps", "12")
+    page.fill("#f-resolution", "128")
+    _fits(page, f"form with the advanced fields at {width}")
+    page.click("#submit-btn")
+    page.wait_for_url(re.compile(r".*/jobs/[^/]+$"))
+    expect(page.locator("#job-state")).to_contain_text("running", timeout=LONG)
+    _fits(page, f"a running job at {width}")
+    expect(page.locator("#job-state")).to_contain_text("succeeded", timeout=LONG)
+    expect(page.locator("#preview-caption")).not_to_contain_text("Live preview")
+    _fits(page, f"a finished job at {width}")
+    expect(page.locator("#queue li").first).to_be_visible()
+    _fits(page, f"the queue at {width}")
+    page.screenshot(path=artifacts / f"phone-{width}.png", full_page=True)
+    page.close()
+
+
+def test_an_ended_jobs_page_says_why_and_an_unknown_one_offers_nothing(live, browser, artifacts):
+    from playwright.sync_api import expect
+
+    job = live.submit(total_second_length=4, steps=60)
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    _open(page, f"{live.base}/jobs/{job['id']}")
+    expect(page.locator("#job-state")).to_contain_text("running", timeout=LONG)
+    out = live.celery("control", "terminate", "SIGTERM", job["id"])
+    assert out.returncode == 0, out.stderr
+    expect(page.locator("#job-state")).to_contain_text("cancelled", timeout=LONG)
+    expect(page.locator("#job-reason")).to_contain_text("terminated by operator")
+    page.screenshot(path=artifacts / "job-terminated.png", full_page=True)
+    _open(page, f"{live.base}/jobs/no-such-job")
+    expect(page.locator("#job-error")).to_contain_text("Unknown job")
+    expect(page.locator("#cancel-btn")).to_be_hidden()
+    expect(page.locator("#job-preview")).to_be_hidden()
+    page.close()
+
+
+def test_the_history_pages_past_the_newest_50_and_filters_by_state(live, browser):
+    from playwright.sync_api import expect
+
+    r = live.redis()
+    total = int(r.zcard("fp:jobs"))
+    for _ in range(max(0, 53 - total)):  # queued jobs, cancelled at once: the history grows past 50
+        live_job = live.submit()
+        __import__("httpx").post(f"{live.base}/api/jobs/{live_job['id']}/cancel")
+    total = int(r.zcard("fp:jobs"))
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    _open(page, live.base + "/")
+    expect(page.locator("#queue li")).to_have_count(50, timeout=LONG)
+    expect(page.locator("#queue-more")).to_be_visible()
+    shown = 50
+    while page.is_visible("#queue-more"):  # 50 older jobs a click
+        page.click("#queue-more")
+        shown = min(total, shown + 50)
+        expect(page.locator("#queue li")).to_have_count(shown, timeout=LONG)
+    assert shown == total
+    page.select_option("#queue-filter", "cancelled")
+    cancelled = page.locator("#queue li")
+    assert cancelled.count() >= 3 and all(s == "cancelled" for s in cancelled.evaluate_all(
+        "els => els.map((e) => e.dataset.state)"))  # fmt: skip
     page.close()

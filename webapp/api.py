@@ -471,7 +471,8 @@ def info() -> Response:
     noise = any((w.get("profile") or {}).get("is_noise") for w in workers)
     s = svc.settings
     max_seconds, max_steps = s.job_limits(who.role)
-    body = {"profiles": profiles, "is_noise": noise,
+    resolutions = sorted({(w.get("profile") or {}).get("default_resolution") for w in workers} - {None})
+    body = {"profiles": profiles, "is_noise": noise, "default_resolution": resolutions[0] if resolutions else None,
             "auth": {"required": tokens().required, "name": who.name, "role": who.role},
             "limits": {"max_seconds": max_seconds, "max_steps": max_steps,
                        "max_queued": s.max_queued_per_token if tokens().required else None,

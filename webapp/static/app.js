@@ -117,6 +117,7 @@ class Stream {
 // ---------------------------------------------------------------------------------------------
 // Submit form, generated from the OpenAPI schema
 let schema = null;
+let defaultResolution = null; // the workers' profile's bucket base (/api/info)
 
 function fieldSchema(prop) {
   // Optional fields come as anyOf [{type...}, {type: null}]
@@ -169,7 +170,8 @@ function renderField(name, prop, components) {
       input.type = "text";
     }
     if (spec.default !== undefined && spec.default !== null) input.value = spec.default;
-    else input.placeholder = name === "seed" ? "random" : name === "resolution" ? "server default" : "";
+    else input.placeholder = name === "seed" ? "random"
+      : name === "resolution" ? (defaultResolution ? `server default: ${defaultResolution}` : "server default") : "";
   }
   input.id = id;
   input.name = name;
@@ -201,23 +203,52 @@ async function buildForm() {
     (MAIN_FIELDS.includes(name) ? main : adv).append(renderField(name, prop, components));
   }
   await buildLoraPicker(main);
+  setupSchedulePreview();
   const model = $("#f-model");
   const syncEnd = () => { $("#end-image-field").hidden = model.value !== "framepack"; };
   model.addEventListener("change", syncEnd);
   syncEnd();
 }
 
-// LoRA picker: rows of (file, weight) from GET /api/loras; sent as loras=NAME:WEIGHT
+// Timestamped prompts ("[0s: a cat sits] [2s: it jumps]"): what each part of the video will show
+const STAMP = /\[\s*(\d+(?:\.\d+)?)\s*s(?:\s*-\s*(\d+(?:\.\d+)?)\s*s)?\s*:\s*([^\]]*)\]/g;
+
+function setupSchedulePreview() {
+  const prompt = $("#f-prompt");
+  const list = document.createElement("ul");
+  list.id = "prompt-schedule";
+  list.className = "schedule";
+  list.setAttribute("aria-live", "polite");
+  prompt.after(list);
+  const update = () => {
+    list.innerHTML = "";
+    const parts = [...prompt.value.matchAll(STAMP)].sort((a, b) => Number(a[1]) - Number(b[1]));
+    for (const [, start, end, text] of parts) {
+      const li = document.createElement("li");
+      li.textContent = `${end ? `${start}–${end} s` : `from ${start} s`}: ${text.trim() || "(empty)"}`;
+      list.append(li);
+    }
+  };
+  prompt.addEventListener("input", update);
+  update();
+}
+
+// LoRA picker: rows of (file, weight) from GET /api/loras; sent as loras=NAME:WEIGHT.  Files the
+// server cannot use (unreadable) are listed, disabled, with the reason.
 let loraNames = [];
+let loraEntries = [];
 
 async function buildLoraPicker(container) {
-  try { loraNames = (await (await api("/api/loras")).json()).loras.map((l) => l.name); } catch { loraNames = []; }
+  try { loraEntries = (await (await api("/api/loras")).json()).loras; } catch { loraEntries = []; }
+  loraNames = loraEntries.filter((l) => !String(l.format).startsWith("unreadable")).map((l) => l.name);
   const wrap = document.createElement("div");
   wrap.className = "field";
   wrap.dataset.field = "loras";
   wrap.innerHTML = `<label>LoRAs <span class="hint"></span></label><div id="lora-rows"></div>
     <button type="button" id="add-lora">Add LoRA</button><p class="field-error" id="error-loras" aria-live="polite"></p>`;
-  wrap.querySelector(".hint").textContent = loraNames.length ? ` ${loraNames.length} available` : " none in the LoRA directory";
+  const unusable = loraEntries.length - loraNames.length;
+  wrap.querySelector(".hint").textContent = (loraNames.length ? ` ${loraNames.length} available` : " none usable in the LoRA directory")
+    + (unusable ? ` (${unusable} unreadable)` : "");
   const add = wrap.querySelector("#add-lora");
   add.disabled = !loraNames.length;
   add.addEventListener("click", () => addLoraRow(wrap.querySelector("#lora-rows")));
@@ -231,7 +262,12 @@ function addLoraRow(rows) {
   const select = document.createElement("select");
   select.id = `f-loras.${i}.name`;
   select.setAttribute("aria-label", `LoRA ${i + 1}`);
-  for (const n of loraNames) select.append(new Option(n, n));
+  for (const l of loraEntries) {
+    const usable = loraNames.includes(l.name);
+    const option = new Option(usable ? l.name : `${l.name} — ${l.format}`, l.name);
+    option.disabled = !usable;
+    select.append(option);
+  }
   const weight = document.createElement("input");
   Object.assign(weight, { type: "number", step: "0.05", min: "-4", max: "4", value: "1" });
   weight.id = `f-loras.${i}.weight`;
@@ -378,11 +414,16 @@ function renderJob(job) {
   if (job.steps) parts.push(`step ${job.step}/${job.steps}`);
   $("#job-progress-text").textContent = `${pct} %${parts.length ? " · " + parts.join(" · ") : ""}`;
   $("#job-eta").textContent = !TERMINAL.has(state) && job.eta ? `ETA ${fmtSeconds(job.eta)}` : "";
-  if (job.preview) {
-    $("#preview-strip").src = job.preview.image;
-    $("#preview-strip").hidden = false;
-    $("#preview-caption").textContent = `Live preview: ${job.preview.frames} latent frames of the current section, looping`;
+  const canvas = $("#preview-canvas");
+  if (job.preview && canvas.dataset.image !== job.preview.image) {
+    canvas.dataset.image = job.preview.image;
+    canvas.dataset.previews = String(Number(canvas.dataset.previews || 0) + 1);
     animation.show(job.preview);
+  }
+  if (job.preview) {
+    $("#preview-caption").textContent = TERMINAL.has(state)
+      ? `The last preview: ${job.preview.frames} latent frames of the last section sampled`
+      : `Live preview: ${job.preview.frames} latent frames of the current section, looping`;
   }
   const sections = job.sections_done || [];
   if (sections.length) {
@@ -420,7 +461,10 @@ function renderJob(job) {
       $("#job-meta").append(dt, dd);
     }
   }
-  if (job.error) { $("#job-error").hidden = false; $("#job-error").textContent = job.error; }
+  const why = state === "failed" ? job.error || job.reason : state === "cancelled" ? job.reason || "cancelled" : null;
+  $("#job-reason").hidden = !why;
+  $("#job-reason").textContent = why ? `${state === "failed" ? "Failed" : "Ended"}: ${why}` : "";
+  $("#job-reason").className = `reason ${state}`;
   if (TERMINAL.has(state)) animation.stop();
 }
 
@@ -428,7 +472,11 @@ function openJob(id) {
   $("#submit-view").hidden = true;
   $("#job-view").hidden = false;
   $("#job-id").textContent = id;
-  for (const sel of ["#partial", "#final", "#job-error", "#preview-strip"]) $(sel).hidden = true;
+  for (const sel of ["#partial", "#final", "#job-error", "#job-reason"]) $(sel).hidden = true;
+  for (const sel of ["#job-preview", ".progress-wrap", "#job-status-line"]) $(sel).hidden = false;
+  delete $("#preview-canvas").dataset.image;
+  delete $("#preview-canvas").dataset.previews;
+  $("#preview-caption").textContent = "The preview appears when sampling starts.";
   $("#job-meta").innerHTML = "";
   $("#sections-list").innerHTML = "";
   for (const v of ["#partial-video", "#final-video"]) { $(v).removeAttribute("src"); delete $(v).dataset.url; }
@@ -441,7 +489,11 @@ function openJob(id) {
     done: () => finished,
     onState: (s) => {
       $("#job-connection").textContent = s === "live" || s === "closed" ? "" : s;
-      if (s === "unknown") { $("#job-error").hidden = false; $("#job-error").textContent = "Unknown job."; }
+      if (s === "unknown") {  // nothing to watch, cancel or preview
+        $("#job-error").hidden = false;
+        $("#job-error").textContent = "Unknown job: it never existed, was deleted or expired, or belongs to someone else.";
+        for (const sel of ["#cancel-btn", "#job-preview", ".progress-wrap", "#job-status-line"]) $(sel).hidden = true;
+      }
     },
     onMessage: (m) => {
       if (m.type === "snapshot") job = { ...m.job };
@@ -471,33 +523,53 @@ function openJob(id) {
 // ---------------------------------------------------------------------------------------------
 // Queue (all jobs, live)
 const queueJobs = new Map();
+let historyTotal = 0; // jobs the server lists for this caller (GET /api/jobs total)
+
+function jobRow(j) {
+  // One job as a row (queue, history, batch): input thumbnail, state, short id, prompt, progress.
+  const li = document.createElement("li");
+  li.dataset.jobId = j.id;
+  li.dataset.state = j.state;
+  const a = document.createElement("a");
+  a.href = `/jobs/${j.id}`;
+  a.dataset.nav = "";
+  const img = document.createElement("img");
+  img.src = withAccess(`/api/jobs/${j.id}/input`);
+  img.alt = "";
+  img.loading = "lazy";
+  const text = document.createElement("div");
+  const where = j.state === "queued" && j.position ? ` · #${j.position}` : "";
+  const pct = Math.round(100 * (j.state === "succeeded" ? 1 : j.progress || 0));
+  text.innerHTML = `<div><span class="state ${j.state}"></span> <span class="id"></span></div><div class="line"></div>`
+    + `<div class="mini"><div></div></div>`;
+  text.querySelector(".state").textContent = `${j.state}${where}`;
+  text.querySelector(".id").textContent = j.id.slice(0, 8);
+  text.querySelector(".id").title = j.id;
+  text.querySelector(".line").textContent = j.prompt || "(no prompt)";
+  text.querySelector(".line").title = j.prompt || "";
+  text.querySelector(".mini div").style.width = `${pct}%`;
+  a.append(img, text);
+  li.append(a);
+  return li;
+}
 
 function renderQueue() {
   const ul = $("#queue");
   ul.innerHTML = "";
-  const jobs = [...queueJobs.values()].sort((a, b) => (b.created_at || 0) - (a.created_at || 0)).slice(0, 50);
-  for (const j of jobs) {
-    const li = document.createElement("li");
-    li.dataset.jobId = j.id;
-    li.dataset.state = j.state;
-    const a = document.createElement("a");
-    a.href = `/jobs/${j.id}`;
-    a.dataset.nav = "";
-    const img = document.createElement("img");
-    img.src = withAccess(`/api/jobs/${j.id}/input`);
-    img.alt = "";
-    img.loading = "lazy";
-    const text = document.createElement("div");
-    const where = j.state === "queued" && j.position ? ` · #${j.position}` : "";
-    const pct = Math.round(100 * (j.state === "succeeded" ? 1 : j.progress || 0));
-    text.innerHTML = `<div><span class="state ${j.state}"></span></div><div class="line"></div><div class="mini"><div></div></div>`;
-    text.querySelector(".state").textContent = `${j.state}${where}`;
-    text.querySelector(".line").textContent = j.prompt || "(no prompt)";
-    text.querySelector(".mini div").style.width = `${pct}%`;
-    a.append(img, text);
-    li.append(a);
-    ul.append(li);
-  }
+  const wanted = $("#queue-filter").value;
+  const jobs = [...queueJobs.values()].sort((a, b) => (b.created_at || 0) - (a.created_at || 0));
+  for (const j of jobs) if (!wanted || j.state === wanted) ul.append(jobRow(j));
+  $("#queue-more").hidden = queueJobs.size >= historyTotal;
+}
+
+async function loadHistory(offset) {
+  // Older jobs, 50 at a time (the live feed's snapshot holds the newest 50).
+  const resp = await api(`/api/jobs?offset=${offset}&limit=50`);
+  if (!resp.ok) return;
+  const page = await resp.json();
+  historyTotal = page.total;
+  for (const j of page.jobs) if (!queueJobs.has(j.id)) queueJobs.set(j.id, j);
+  renderQueue();
 }
 
 async function refreshSummary(id) {
@@ -516,9 +588,12 @@ function watchQueue() {
       if (m.type === "snapshot") {
         queueJobs.clear();
         for (const j of m.jobs) queueJobs.set(j.id, j);
+        historyTotal = Math.max(historyTotal, m.jobs.length);
         renderQueue();
+        loadHistory(0); // the total, for "Show older jobs"
         return;
       }
+      if (m.event === "submitted") historyTotal += 1;
       if (m.left_position) {
         for (const j of queueJobs.values()) {
           if (j.state === "queued" && j.position > m.left_position && j.id !== m.job_id) j.position -= 1;
@@ -552,16 +627,7 @@ async function openBatch(id) {
     $("#batch-counts").textContent = Object.entries(b.counts).map(([k, v]) => `${v} ${k}`).join(" · ") + (b.done ? " — done" : "");
     const ul = $("#batch-jobs");
     ul.innerHTML = "";
-    for (const j of b.jobs) {
-      const li = document.createElement("li");
-      const a = document.createElement("a");
-      a.href = `/jobs/${j.id}`;
-      a.dataset.nav = "";
-      a.textContent = `${j.state} · ${Math.round(100 * (j.state === "succeeded" ? 1 : j.progress || 0))} % · ${j.prompt || "(no prompt)"}`;
-      li.dataset.state = j.state;
-      li.append(a);
-      ul.append(li);
-    }
+    for (const j of b.jobs) ul.append(jobRow(j));
     for (const e of b.errors) {
       const li = document.createElement("li");
       li.className = "error";
@@ -619,8 +685,11 @@ async function main() {
   $("#submit-form").addEventListener("submit", submit);
   $("#sign-out").addEventListener("click", () => { forgetToken(); location.reload(); });
   const info = await signIn();
+  defaultResolution = info.default_resolution;
   await refreshAccess();
   await buildForm();
+  $("#queue-filter").addEventListener("change", renderQueue);
+  $("#queue-more").addEventListener("click", () => loadHistory(queueJobs.size));
   showProfile(info);
   watchQueue();
   route();
