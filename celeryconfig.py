@@ -12,6 +12,7 @@ RabbitMQ cancels a consumer that holds an unacknowledged message longer than its
 ``gpu`` queue is therefore declared with ``x-consumer-timeout`` above the longest job.
 """
 
+from kombu import Exchange as _Exchange
 from kombu import Queue as _Queue
 
 from tasks.settings import current as _current
@@ -29,14 +30,18 @@ timezone = "UTC"
 # Webhook deliveries have a queue of their own, consumed by a small non-GPU worker
 # (``celery -A tasks worker -Q webhooks -P threads``): a slow receiver never holds a GPU.
 task_routes = {"tasks.generate_video": {"queue": "gpu"}, "tasks.deliver_webhook": {"queue": "webhooks"}}
+# Each queue has its own exchange and routing key, so the worker banner (and RabbitMQ's bindings)
+# say what happens: Celery publishes on the default exchange with the queue's name as the key.
 task_queues = [
     _Queue(
         "gpu",
+        _Exchange("gpu"),
+        routing_key="gpu",
         queue_arguments={"x-consumer-timeout": (_s.max_job_seconds + 3600) * 1000}
         if broker_url.startswith("amqp")
         else None,
     ),
-    _Queue("webhooks"),
+    _Queue("webhooks", _Exchange("webhooks"), routing_key="webhooks"),
 ]
 task_default_queue = "gpu"
 
