@@ -674,6 +674,10 @@ window.addEventListener("popstate", route);
 function showProfile(info) {
   const names = info.profiles.length ? info.profiles.join(", ") : "no worker yet";
   $("#profile-badge").textContent = `model profile: ${names}`;
+  $("#profile-badge").title = info.is_noise
+    ? "Random weights: the videos are noise. To run the real model, start the server with FRAMEPACK_PROFILE=hf "
+      + "after downloading the weights (README, “Model profiles”)."
+    : `The workers run the ${names} profile.`;
   $("#noise-warning").hidden = !info.is_noise;
   const auth = info.auth || {};
   $("#who").hidden = !auth.required;
