@@ -310,7 +310,7 @@ SUMMARY_FIELDS = tuple(f for f in JobSummary.model_fields if f != "prompt")
 
 def summary_of(view: JobSnapshot | dict[str, Any]) -> dict[str, Any]:
     """The list/feed row of a snapshot (:class:`JobSummary`, as clients get it)."""
-    wire = view.wire() if isinstance(view, JobSnapshot) else view
+    wire = view.model_dump(mode="json", include={*SUMMARY_FIELDS, "params"}) if isinstance(view, JobSnapshot) else view
     out = {k: wire[k] for k in SUMMARY_FIELDS}
     out["prompt"] = (wire.get("params") or {}).get("prompt", "")
     return out
